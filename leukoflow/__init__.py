@@ -1,0 +1,14 @@
+"""leukoflow: live four-part white-blood-cell differential for flow QPI instruments."""
+
+__version__ = "0.1.0"
+
+CLASS_NAMES: tuple[str, ...] = ("neutrophil", "eosinophil", "monocyte", "lymphocyte")
+"""Leukocyte class names in model output order (same order as the PBC real-data set)."""
+
+SCORE_FEATURES: tuple[str, ...] = ("ml_score_neu", "ml_score_eos", "ml_score_mon", "ml_score_lym")
+"""dclab feature names carrying the calibrated class probabilities, in CLASS_NAMES order."""
+
+OOD_KINDS: tuple[str, ...] = (
+    "erythrocyte", "platelet", "debris", "doublet", "defocus", "digit", "noise",
+)
+"""Out-of-distribution object kinds produced by the simulated instrument."""

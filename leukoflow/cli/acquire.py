@@ -1,0 +1,16 @@
+"""CLI: acquire (placeholder until built)."""
+
+from __future__ import annotations
+
+import typer
+
+from leukoflow.cli import not_built
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``app``."""
+
+    @app.command("acquire", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def acquire() -> None:
+        """acquire: not built yet."""
+        not_built("acquire")

@@ -1,0 +1,227 @@
+"""Prometheus metrics and health endpoints shared by every leukoflow service.
+
+Each service process owns one :class:`prometheus_client.CollectorRegistry` (no global state,
+so several services can run in one test process) and one :class:`HealthServer` that serves
+``/metrics``, ``/healthz`` (live: the main loop ticked recently) and ``/readyz`` (ready: the
+service says so, e.g. model loaded and warmed up) on loopback.
+
+Metric names follow Prometheus conventions (``leukoflow_`` prefix, base units, ``_total``
+counters). :data:`METRIC_NAMES` is the single list of families; ``deploy/`` dashboards and
+rules are tested against it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+#: Latency buckets [s]: sub-millisecond resolution up to 5 s.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+#: Batch-size buckets [cells]: powers of two up to 4096.
+BATCH_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))
+#: Confidence (max calibrated probability) buckets.
+CONFIDENCE_BUCKETS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+#: OOD-score buckets (detector units; scores are shifted so the threshold is 0).
+OOD_BUCKETS: tuple[float, ...] = (-4, -2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 4, 8)
+
+#: Every metric family leukoflow exports: name -> (type, help, labels, service).
+METRIC_NAMES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    # common
+    "leukoflow_service_info": ("gauge", "Service identity (value 1)", ("service", "version", "run_id"), "all"),
+    "leukoflow_ready": ("gauge", "1 when the service is ready", (), "all"),
+    "leukoflow_dropped_total": ("counter", "Cells dropped, by stage and reason", ("stage", "reason"), "all"),
+    "leukoflow_stage_duration_seconds": ("histogram", "Processing time per stage", ("stage",), "all"),
+    "leukoflow_queue_depth": ("gauge", "Items waiting in a queue", ("queue",), "all"),
+    "leukoflow_messages_rejected_total": ("counter", "Wire messages rejected, by reason", ("reason",), "all"),
+    "leukoflow_sequence_gaps_total": ("counter", "Messages missing by sequence number", (), "all"),
+    # acquisition
+    "leukoflow_frames_total": ("counter", "Camera frames received", (), "acquire"),
+    "leukoflow_frames_rejected_total": ("counter", "Camera frames rejected, by reason", ("reason",), "acquire"),
+    "leukoflow_cells_detected_total": ("counter", "Objects segmented (all frames)", (), "acquire"),
+    "leukoflow_cells_rejected_total": ("counter", "Cells rejected by quality gates, by reason", ("reason",), "acquire"),
+    "leukoflow_cells_emitted_total": ("counter", "Cells published to inference", (), "acquire"),
+    "leukoflow_tracks_active": ("gauge", "Open tracks", (), "acquire"),
+    "leukoflow_camera_stalls_total": ("counter", "Camera stalls/dropouts detected", (), "acquire"),
+    "leukoflow_camera_frame_age_seconds": ("gauge", "Age of the newest camera frame", (), "acquire"),
+    # inference (Triton-like families)
+    "leukoflow_inference_request_success_total": ("counter", "Crop messages processed", (), "infer"),
+    "leukoflow_inference_request_failure_total": ("counter", "Crop messages failed", ("reason",), "infer"),
+    "leukoflow_inference_count_total": ("counter", "Cells inferred", (), "infer"),
+    "leukoflow_inference_exec_count_total": ("counter", "Batches executed", (), "infer"),
+    "leukoflow_inference_pending_requests": ("gauge", "Cells waiting for a batch", (), "infer"),
+    "leukoflow_inference_queue_duration_seconds": ("histogram", "Time a cell waited for its batch", (), "infer"),
+    "leukoflow_inference_compute_infer_duration_seconds": ("histogram", "Model execution time per batch", (), "infer"),
+    "leukoflow_inference_request_duration_seconds": ("histogram", "Receive-to-send time per batch", (), "infer"),
+    "leukoflow_batch_size": ("histogram", "Cells per executed batch", (), "infer"),
+    "leukoflow_e2e_latency_seconds": ("histogram", "Acquisition timestamp to result", (), "infer"),
+    "leukoflow_cells_classified_total": ("counter", "Counted cells by predicted class", ("class",), "infer"),
+    "leukoflow_decisions_total": ("counter", "Cells by decision", ("decision",), "infer"),
+    "leukoflow_confidence": ("histogram", "Max calibrated probability per cell", (), "infer"),
+    "leukoflow_ood_score": ("histogram", "OOD score minus threshold per cell", (), "infer"),
+    "leukoflow_explainer_routed_total": ("counter", "Cells sent to the explainer", ("reason",), "infer"),
+    "leukoflow_model_info": ("gauge", "Loaded model (value 1)", ("model", "backend", "precision"), "infer"),
+    # explainer
+    "leukoflow_explainer_backlog": ("gauge", "Flagged cells waiting to be explained", (), "explain"),
+    "leukoflow_explainer_latency_seconds": ("histogram", "Flag-to-artifact latency", (), "explain"),
+    "leukoflow_explainer_duration_seconds": ("histogram", "Compute time per method", ("method",), "explain"),
+    "leukoflow_explanations_total": ("counter", "Explanations written", ("method",), "explain"),
+    # collector
+    "leukoflow_run_cells_total": ("counter", "Run accounting: cells by outcome", ("outcome",), "collector"),
+    "leukoflow_differential_cells": ("gauge", "Counted cells per class in this run", ("class",), "collector"),
+    "leukoflow_differential_ratio": ("gauge", "Differential fraction per class", ("class",), "collector"),
+    "leukoflow_differential_ratio_lower": ("gauge", "Lower 95 % bound of the fraction", ("class",), "collector"),
+    "leukoflow_differential_ratio_upper": ("gauge", "Upper 95 % bound of the fraction", ("class",), "collector"),
+    "leukoflow_differential_probabilistic_cells": ("gauge", "Sum of calibrated probabilities per class", ("class",), "collector"),
+    "leukoflow_recorder_events_total": ("counter", "Events written to the recording", (), "collector"),
+    "leukoflow_child_restarts_total": ("counter", "Supervised child restarts", ("child",), "collector"),
+}
+
+
+def make_metric(registry: Any, name: str, **kwargs: Any) -> Any:
+    """Create the metric family ``name`` of :data:`METRIC_NAMES` in ``registry``.
+
+    The ``_total`` suffix is handled as prometheus_client expects (it appends it itself).
+    Histograms get the matching bucket constants unless ``buckets`` is given.
+    """
+    import prometheus_client as pc
+
+    kind, help_, labels, _service = METRIC_NAMES[name]
+    cls = {"counter": pc.Counter, "gauge": pc.Gauge, "histogram": pc.Histogram}[kind]
+    base = name[: -len("_total")] if kind == "counter" and name.endswith("_total") else name
+    if kind == "histogram" and "buckets" not in kwargs:
+        if "batch" in name:
+            kwargs["buckets"] = BATCH_BUCKETS
+        elif "confidence" in name:
+            kwargs["buckets"] = CONFIDENCE_BUCKETS
+        elif "ood_score" in name:
+            kwargs["buckets"] = OOD_BUCKETS
+        else:
+            kwargs["buckets"] = LATENCY_BUCKETS
+    return cls(base, help_, labelnames=labels, registry=registry, **kwargs)
+
+
+class ServiceMetrics:
+    """Lazily created metric families of one service, in its own registry.
+
+    ``m = ServiceMetrics("infer"); m["leukoflow_batch_size"].observe(64)``
+    """
+
+    def __init__(self, service: str, run_id: str = "", version: str | None = None) -> None:
+        import prometheus_client as pc
+
+        from leukoflow import __version__
+
+        self.service = service
+        self.registry = pc.CollectorRegistry()
+        self._metrics: dict[str, Any] = {}
+        self["leukoflow_service_info"].labels(service, version or __version__, run_id).set(1)
+        self["leukoflow_ready"].set(0)
+
+    def __getitem__(self, name: str) -> Any:
+        m = self._metrics.get(name)
+        if m is None:
+            m = self._metrics[name] = make_metric(self.registry, name)
+        return m
+
+    def exposition(self) -> bytes:
+        """Text exposition of all families."""
+        import prometheus_client as pc
+
+        return pc.generate_latest(self.registry)
+
+
+class HealthServer:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` from a background thread.
+
+    Parameters
+    ----------
+    metrics : ServiceMetrics
+        The service's metrics.
+    host : str
+        Bind address; loopback by default (remote scraping is opt-in).
+    port : int
+        TCP port; 0 picks a free one (see :attr:`port`).
+    live_timeout_s : float
+        ``/healthz`` answers 503 when :meth:`tick` was not called for this long [s].
+    """
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        live_timeout_s: float = 5.0,
+        status: Callable[[], dict] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.live_timeout_s = live_timeout_s
+        self.status = status
+        self._ready = False
+        self._last_tick = time.monotonic()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body = server.metrics.exposition()
+                    self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
+                elif path == "/healthz":
+                    ok = server.live
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
+                elif path == "/readyz":
+                    ok = server.ready and server.live
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                elif path == "/status" and server.status is not None:
+                    body = json.dumps(server.status(), default=str).encode()
+                    self._send(200, body, "application/json")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.host = host
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
+                                        name=f"health-{metrics.service}")
+        self._thread.start()
+
+    @property
+    def live(self) -> bool:
+        """True when the main loop ticked within ``live_timeout_s``."""
+        return time.monotonic() - self._last_tick < self.live_timeout_s
+
+    @property
+    def ready(self) -> bool:
+        """Readiness flag set by the service."""
+        return self._ready
+
+    def tick(self) -> None:
+        """Mark the main loop alive (call once per loop iteration)."""
+        self._last_tick = time.monotonic()
+
+    def set_ready(self, ready: bool = True) -> None:
+        """Set readiness (and the ``leukoflow_ready`` gauge)."""
+        self._ready = ready
+        self.metrics["leukoflow_ready"].set(1 if ready else 0)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
