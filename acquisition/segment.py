@@ -1,0 +1,360 @@
+"""Threshold segmentation of phase (or brightfield) frames with dcnum-compatible morphology.
+
+The mask post-processing reproduces dcnum's ``thresh`` segmenter exactly (checked against
+the stored masks of ``dcnum-thresh-segmentation``): threshold -> label (8-connectivity) ->
+clear border -> fill holes -> opening with a disk -> label (8-connectivity) -> drop objects
+of ``<= max_small_px`` pixels. Erosion treats the outside of the image as foreground and
+dilation as background (OpenCV's default border semantics), so objects near the frame edge
+are not eroded by the edge itself.
+
+Segmenters live in the :data:`SEGMENTERS` registry; each returns a :class:`Segmentation`
+(label image + object count) and reports every parameter in :attr:`Segmenter.params`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from leukoflow.registry import Registry
+
+#: 8-connectivity structuring element (3×3 ones).
+STRUCT8 = np.ones((3, 3), dtype=bool)
+#: 4-connectivity structuring element (cross).
+STRUCT4 = ndi.generate_binary_structure(2, 1)
+
+SEGMENTERS: Registry = Registry("segmenter")
+
+_EDGES = {"t", "b", "l", "r"}
+
+
+# ----------------------------------------------------------------------------- primitives
+
+@functools.cache
+def disk(radius: int) -> np.ndarray:
+    """Disk footprint of ``radius`` [px] (same as ``skimage.morphology.disk``).
+
+    Parameters
+    ----------
+    radius : int
+        Radius [px]; 0 gives a single pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean (2r+1, 2r+1) footprint (read-only, cached).
+    """
+    if radius < 0:
+        raise ValueError(f"disk radius must be >= 0, got {radius}")
+    r = np.arange(-radius, radius + 1)
+    fp = (r[:, None] ** 2 + r[None, :] ** 2) <= radius**2
+    fp.setflags(write=False)
+    return fp
+
+
+def label8(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Label connected foreground components with 8-connectivity.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        2D boolean mask.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        int32 label image (0 = background, 1..n objects in raster order).
+    n : int
+        Number of objects.
+    """
+    labels, n = ndi.label(mask, structure=STRUCT8, output=np.int32)
+    return labels, int(n)
+
+
+def clear_border(mask: np.ndarray, edges: str = "tblr") -> np.ndarray:
+    """Remove 8-connected objects that touch the given image edges.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        2D boolean mask.
+    edges : str
+        Which edges clear objects: any of ``t`` (row 0), ``b`` (last row), ``l`` (column 0),
+        ``r`` (last column). ``""`` keeps everything.
+
+    Returns
+    -------
+    numpy.ndarray
+        New boolean mask without the objects touching those edges.
+    """
+    bad = set(edges) - _EDGES
+    if bad:
+        raise ValueError(f"unknown edge codes {sorted(bad)}; use a subset of 'tblr'")
+    mask = np.asarray(mask, dtype=bool)
+    if not edges:
+        return mask.copy()
+    strips = []
+    if "t" in edges:
+        strips.append(mask[0, :])
+    if "b" in edges:
+        strips.append(mask[-1, :])
+    if "l" in edges:
+        strips.append(mask[:, 0])
+    if "r" in edges:
+        strips.append(mask[:, -1])
+    if not any(s.any() for s in strips):
+        return mask.copy()
+    labels, _ = label8(mask)
+    lab_strips = []
+    if "t" in edges:
+        lab_strips.append(labels[0, :])
+    if "b" in edges:
+        lab_strips.append(labels[-1, :])
+    if "l" in edges:
+        lab_strips.append(labels[:, 0])
+    if "r" in edges:
+        lab_strips.append(labels[:, -1])
+    touching = np.unique(np.concatenate(lab_strips))
+    touching = touching[touching > 0]
+    return mask & ~np.isin(labels, touching)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background regions not 4-connected to the image border.
+
+    Equivalent to dcnum's flood fill from the corner (after border clearing).
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        2D boolean mask.
+    """
+    return ndi.binary_fill_holes(mask, structure=STRUCT4)
+
+
+def opening(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary opening (erosion, then dilation) with a disk of ``radius`` [px].
+
+    Outside the image counts as foreground for the erosion and as background for the
+    dilation (OpenCV's default border handling), so the frame edge erodes nothing.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        2D boolean mask.
+    radius : int
+        Disk radius [px]; 0 returns a copy.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if radius <= 0:
+        return mask.copy()
+    fp = disk(radius)
+    eroded = ndi.binary_erosion(mask, structure=fp, border_value=1)
+    return ndi.binary_dilation(eroded, structure=fp, border_value=0)
+
+
+def remove_small(labels: np.ndarray, max_small_px: int) -> tuple[np.ndarray, int]:
+    """Drop objects of ``<= max_small_px`` pixels and relabel 1..n in raster order.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        int label image.
+    max_small_px : int
+        Largest object size [px] that is removed (dcnum/skimage ``max_size``).
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        int32 label image, consecutive labels.
+    n : int
+        Number of remaining objects.
+    """
+    n_in = int(labels.max()) if labels.size else 0
+    if n_in == 0:
+        return labels.astype(np.int32, copy=False), 0
+    sizes = np.bincount(labels.ravel(), minlength=n_in + 1)
+    keep = sizes > max_small_px
+    keep[0] = False
+    lut = np.zeros(n_in + 1, dtype=np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels], int(keep.sum())
+
+
+def postprocess_mask(
+    mask: np.ndarray,
+    *,
+    clear_border_edges: str = "tblr",
+    fill: bool = True,
+    opening_radius: int = 2,
+    max_small_px: int = 10,
+) -> tuple[np.ndarray, int]:
+    """dcnum-compatible mask post-processing; returns (labels, n).
+
+    Order: clear border -> fill holes -> opening -> 8-connected labels -> drop small objects.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        Raw threshold mask (2D boolean).
+    clear_border_edges : str
+        Edges whose touching objects are removed (see :func:`clear_border`).
+    fill : bool
+        Fill holes.
+    opening_radius : int
+        Disk radius of the opening [px] (dcnum's ``closing_disk``; 0 = off).
+    max_small_px : int
+        Objects with at most this many pixels are removed.
+    """
+    m = clear_border(mask, clear_border_edges)
+    if fill:
+        m = fill_holes(m)
+    if opening_radius > 0:
+        m = opening(m, opening_radius)
+    labels, _ = label8(m)
+    return remove_small(labels, max_small_px)
+
+
+# ----------------------------------------------------------------------------- segmenters
+
+@dataclass
+class Segmentation:
+    """Result of segmenting one frame.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        int32 label image (0 = background), same shape as the input.
+    n : int
+        Number of objects (labels 1..n).
+    """
+
+    labels: np.ndarray
+    n: int
+
+
+class Segmenter:
+    """Base class: turn a (background-corrected) image into labelled objects."""
+
+    registry_name: str = "base"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every parameter of this segmenter (recorded with the data it produces)."""
+        raise NotImplementedError
+
+    @property
+    def ppid(self) -> str:
+        """Compact pipeline identifier, e.g. ``thresh:t=0.3^p=above:c=lr^f=1^o=2^s=10``."""
+        p = self.params
+        kv = "^".join(f"{k}={v}" for k, v in p.items())
+        return f"{self.registry_name}:{kv}"
+
+    def segment(self, image: np.ndarray) -> Segmentation:
+        """Segment ``image``; see subclasses for the expected units."""
+        raise NotImplementedError
+
+
+@SEGMENTERS.register("thresh")
+class ThresholdSegmenter(Segmenter):
+    """Global threshold on a background-corrected image, then dcnum morphology.
+
+    Parameters
+    ----------
+    threshold : float
+        Threshold in the image's units (rad for phase frames; grey levels for brightfield).
+    polarity : {"above", "below"}
+        Foreground is ``image > threshold`` (phase: cells retard the wave, positive phase)
+        or ``image < threshold`` (brightfield: cells are darker, dcnum uses ``< -6``).
+    offset : {"none", "median"}
+        Residual background offset removed before thresholding: ``median`` subtracts the
+        frame median (cells cover a small fraction of the frame).
+    clear_border_edges : str
+        Edges whose touching objects are removed (``"tblr"`` = dcnum; ``""`` keeps objects
+        at the edges so that features and the tracker can flag them instead).
+    fill_holes : bool
+        Fill holes (also closes rings left by phase wraps inside thick cells).
+    opening_radius : int
+        Disk radius of the opening [px].
+    max_small_px : int
+        Objects of at most this many pixels are dropped.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.25,
+        polarity: str = "above",
+        offset: str = "none",
+        clear_border_edges: str = "",
+        fill_holes: bool = True,
+        opening_radius: int = 2,
+        max_small_px: int = 10,
+    ) -> None:
+        if polarity not in ("above", "below"):
+            raise ValueError(f"polarity must be 'above' or 'below', got {polarity!r}")
+        if offset not in ("none", "median"):
+            raise ValueError(f"offset must be 'none' or 'median', got {offset!r}")
+        bad = set(clear_border_edges) - _EDGES
+        if bad:
+            raise ValueError(f"unknown edge codes {sorted(bad)}; use a subset of 'tblr'")
+        if opening_radius < 0 or max_small_px < 0:
+            raise ValueError("opening_radius and max_small_px must be >= 0")
+        if not np.isfinite(threshold):
+            raise ValueError("threshold must be finite")
+        self.threshold = float(threshold)
+        self.polarity = polarity
+        self.offset = offset
+        self.clear_border_edges = clear_border_edges
+        self.fill_holes = bool(fill_holes)
+        self.opening_radius = int(opening_radius)
+        self.max_small_px = int(max_small_px)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "polarity": self.polarity,
+            "offset": self.offset,
+            "clear_border_edges": self.clear_border_edges,
+            "fill_holes": self.fill_holes,
+            "opening_radius": self.opening_radius,
+            "max_small_px": self.max_small_px,
+        }
+
+    def threshold_mask(self, image: np.ndarray) -> np.ndarray:
+        """Raw foreground mask before morphology."""
+        img = np.asarray(image)
+        if img.ndim != 2:
+            raise ValueError(f"expected a 2D image, got shape {img.shape}")
+        t = self.threshold
+        if self.offset == "median":
+            t = t + float(np.median(img))
+        if self.polarity == "above":
+            return img > t
+        return img < t
+
+    def segment(self, image: np.ndarray) -> Segmentation:
+        """Segment a 2D image (NaN pixels count as background)."""
+        mask = self.threshold_mask(image)
+        labels, n = postprocess_mask(
+            mask,
+            clear_border_edges=self.clear_border_edges,
+            fill=self.fill_holes,
+            opening_radius=self.opening_radius,
+            max_small_px=self.max_small_px,
+        )
+        return Segmentation(labels, n)
+
+
+def dcnum_thresh_segmenter(thresh: float = -6.0) -> ThresholdSegmenter:
+    """The dcnum default brightfield segmenter ``thresh:t=-6:cle=1^f=1^clo=2``.
+
+    Apply it to ``image - (image_bg + bg_off)`` (grey levels).
+    """
+    return ThresholdSegmenter(threshold=thresh, polarity="below", offset="none",
+                              clear_border_edges="tblr", fill_holes=True, opening_radius=2,
+                              max_small_px=10)
