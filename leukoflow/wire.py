@@ -396,7 +396,7 @@ def encode(msg: Message, *, validate: bool = True) -> list[bytes | memoryview]:
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         h["dtype"] = arr.dtype.str
         h["shape"] = [int(s) for s in arr.shape]
-        payload: bytes | memoryview = memoryview(arr).cast("B")
+        payload: bytes | memoryview = memoryview(arr.view(np.uint8).reshape(-1))
     else:
         payload = b""
     if validate:
@@ -476,6 +476,7 @@ def _decode(frames: Sequence[Any], check_finite: bool) -> Message:
     if pbuf.nbytes != expected:
         raise WireError("payload_size", f"{pbuf.nbytes} bytes, expected {expected}")
     arr = np.frombuffer(pbuf, dtype=dtype).reshape(shape)
+    arr.flags.writeable = False  # a view of the received frame: never modify in place
     if check_finite and not np.isfinite(arr).all():
         raise WireError("non_finite", "payload has NaN or inf")
     if kind == "results":

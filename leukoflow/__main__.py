@@ -1,0 +1,5 @@
+"""``python -m leukoflow`` runs the CLI."""
+
+from leukoflow.cli import main
+
+main()
