@@ -1,16 +1,88 @@
-"""CLI: bench (placeholder until built)."""
+"""CLI: ``leukoflow bench`` — benchmarks with side-by-side baselines.
+
+Each benchmark lives in ``benchmarks/bench_<name>.py`` and exposes
+``run(quick: bool = False) -> dict``; the dict holds a ``rows`` list of
+``{"stage", "value", "unit", "baseline", "baseline_value", "ratio", "target"}`` entries that
+this command prints as one table (or as JSON).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from leukoflow.cli import not_built
+BENCHMARKS = ("sim", "reconstruct", "acquire", "transport", "infer", "models", "explain", "e2e")
+
+
+def _bench_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/bench_<name>.py`` by path (the folder is not a package)."""
+    path = _bench_dir() / f"bench_{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark {name!r} not found at {path}")
+    spec = importlib.util.spec_from_file_location(f"leukoflow_bench_{name}", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def print_rows(name: str, result: dict) -> None:
+    """Print a benchmark result as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bench {name} — {result.get('machine', '')}")
+    for col in ("stage", "value", "baseline", "ratio", "target"):
+        table.add_column(col)
+    for r in result.get("rows", []):
+        val = f"{r.get('value', float('nan')):.4g} {r.get('unit', '')}"
+        base = r.get("baseline", "")
+        if r.get("baseline_value") is not None:
+            base = f"{base}: {r['baseline_value']:.4g} {r.get('unit', '')}"
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ""
+        table.add_row(str(r.get("stage", "")), val, str(base), ratio, str(r.get("target", "")))
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``app``."""
+    """Add ``bench`` to ``app``."""
 
-    @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def bench() -> None:
-        """bench: not built yet."""
-        not_built("bench")
+    @app.command("bench")
+    def bench(
+        which: Annotated[str, typer.Argument(help=f"one of {', '.join(BENCHMARKS)}, or all")
+                         ] = "all",
+        quick: Annotated[bool, typer.Option("--quick", help="Small sizes (smoke run).")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ) -> None:
+        """Run benchmarks: each stage beside its baseline, in one run, with the ratio."""
+        names = BENCHMARKS if which == "all" else (which,)
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            typer.echo(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}",
+                       err=True)
+            raise typer.Exit(2)
+        results = {}
+        failed = False
+        for name in names:
+            try:
+                results[name] = load_benchmark(name).run(quick=quick)
+            except Exception as exc:  # report and go on with the others
+                failed = True
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                typer.echo(f"bench {name} failed: {exc}", err=True)
+                continue
+            if not as_json:
+                print_rows(name, results[name])
+        if as_json:
+            typer.echo(json.dumps(results, indent=2, default=str))
+        raise typer.Exit(1 if failed else 0)

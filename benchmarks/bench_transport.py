@@ -1,0 +1,93 @@
+"""Transport benchmark: crop messages over a real ZeroMQ loopback socket (PUSH -> PULL).
+
+Side by side in one run, each in a separate receiver process:
+* raw: one bare 16 KiB frame per message (the ZeroMQ ceiling, no header, no validation);
+* wire v1, one crop per message (msgpack header + payload, fully validated on receipt);
+* wire v1, 32 crops per message (batching amortises the per-message cost).
+Throughput is counted in crops/s at the receiver.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, main, row  # noqa: E402
+
+
+def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue) -> None:
+    import zmq
+
+    from leukoflow import wire
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.bind(endpoint)
+    out.put("ready")
+    cells = 0
+    t0 = None
+    for _ in range(n_msgs):
+        frames = s.recv_multipart(copy=False)
+        if t0 is None:
+            t0 = time.perf_counter()
+        if mode == "raw":
+            cells += 1
+        else:
+            cells += wire.decode(frames).n
+    out.put((cells, time.perf_counter() - t0))
+    ctx.destroy(linger=0)
+
+
+def _measure(mode: str, n_msgs: int, per_msg: int, port: int) -> float:
+    import zmq
+
+    from leukoflow import wire
+
+    endpoint = f"tcp://127.0.0.1:{port}"
+    q: mp.Queue = mp.get_context("fork").Queue()
+    p = mp.get_context("fork").Process(target=_receiver, args=(endpoint, n_msgs, mode, q))
+    p.start()
+    q.get(timeout=60)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    s.connect(endpoint)
+    crops = np.random.default_rng(0).normal(size=(per_msg, 64, 64)).astype(np.float32)
+    snd = wire.Sender("bench", "acquire")
+    msg = snd.message("crops", crops, frame=0, ids=list(range(per_msg)),
+                      bbox=[[0, 0, 64, 64]] * per_msg, feat={})
+    for i in range(n_msgs):
+        if mode == "raw":
+            s.send(crops[0].tobytes(), copy=False)
+        else:
+            msg.header["seq"] = i
+            s.send_multipart(wire.encode(msg), copy=False)
+    cells, dt = q.get(timeout=300)
+    p.join(10)
+    ctx.destroy(linger=0)
+    return cells / dt
+
+
+def run(quick: bool = False) -> dict:
+    """Crops/s over loopback TCP for raw frames and wire v1 at 1 and 32 crops/message."""
+    n = 5_000 if quick else 50_000
+    raw = _measure("raw", n, 1, 5591)
+    one = _measure("wire", n, 1, 5592)
+    batched = _measure("wire", max(200, n // 16), 32, 5593)
+    return {
+        "machine": machine(),
+        "rows": [
+            row("zmq raw 16 KiB frames (ceiling)", raw, "crops/s"),
+            row("wire v1, 1 crop/message", one, "crops/s", "raw", raw, ">= 0.7x raw"),
+            row("wire v1, 32 crops/message", batched, "crops/s", "raw", raw, "> 1x raw"),
+        ],
+    }
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One prepared script for a lent NVIDIA GPU (H100/H200): installs the carried wheels,
+# runs the CUDA tests and the GPU benchmarks, prints one short table.
+# Usage (device tool): carry [".gpu-wheels"], command `bash benchmarks/gpu_check.sh`,
+# timeout_s 540. Results also land in $OUT/gpu_check.json when $OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if [ -d .gpu-wheels ]; then
+  $PY -m pip install --quiet --no-index --no-deps .gpu-wheels/*.whl 2>&1 | tail -2
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUTDIR=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUTDIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+status=0
+run() {  # name, timeout, command...
+  local name=$1 t=$2; shift 2
+  echo "== $name"
+  if ! timeout "$t" "$@" --json > "$OUTDIR/$name.json" 2> "$OUTDIR/$name.err"; then
+    echo "   FAILED (see $name.err)"; tail -5 "$OUTDIR/$name.err"; status=1
+  fi
+}
+run gpu_reconstruct 120 $PY benchmarks/gpu_reconstruct.py --device cuda
+run gpu_models      150 $PY benchmarks/gpu_models.py --device cuda
+run gpu_infer       150 $PY benchmarks/gpu_infer.py --device cuda
+run gpu_explain     90  $PY benchmarks/gpu_explain.py --device cuda
+echo "== pytest -m gpu"
+timeout 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -5 || status=1
+
+$PY - "$OUTDIR" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+rows, merged = [], {}
+for f in sorted(out.glob("gpu_*.json")):
+    try:
+        res = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        continue
+    merged[f.stem] = res
+    for r in res.get("rows", []):
+        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else ""
+        rows.append((f.stem, r["stage"], f"{r['value']:.4g} {r.get('unit','')}", ratio,
+                     str(r.get("target", ""))))
+print(f"{'bench':<16} {'stage':<44} {'value':>22} {'ratio':>8}  target")
+for b, s, v, ra, t in rows:
+    print(f"{b:<16} {s:<44} {v:>22} {ra:>8}  {t}")
+(out / "gpu_check.json").write_text(json.dumps(merged, indent=1, default=str))
+PYEOF
+exit $status
