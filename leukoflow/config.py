@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +49,7 @@ def load_toml(path: str | os.PathLike | None = None) -> dict[str, Any]:
 def _coerce(value: Any, typ: Any, name: str) -> Any:
     """Convert ``value`` (often a string from the environment) to the annotated type."""
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None

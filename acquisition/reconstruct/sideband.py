@@ -42,7 +42,21 @@ def find_sideband_shifted(ft_shifted: np.ndarray) -> tuple[float, float]:
     return float(f0), float(f1)
 
 
-def find_sideband_rfft(rft: np.ndarray, n1: int) -> tuple[float, float]:
+def _interp_offset(m_lo: float, m_0: float, m_hi: float) -> float:
+    """Sub-bin offset of a spectral peak from its two neighbours (rectangular window).
+
+    For a pure complex exponential seen through a rectangular window the magnitudes follow a
+    sinc; the ratio of the larger neighbour to the peak gives the offset exactly:
+    δ = ±|X(k±1)| / (|X(k)| + |X(k±1)|), |δ| <= 0.5 bin.
+    """
+    if m_hi >= m_lo:
+        den = m_0 + m_hi
+        return 0.0 if den <= 0 else float(m_hi / den)
+    den = m_0 + m_lo
+    return 0.0 if den <= 0 else -float(m_lo / den)
+
+
+def find_sideband_rfft(rft: np.ndarray, n1: int, refine: bool = False) -> tuple[float, float]:
     """Sideband from an unshifted real-input spectrum (``rfft2``), in qpretrieve's convention.
 
     The half spectrum holds non-negative column frequencies only; the conjugate lobe of the
@@ -54,13 +68,18 @@ def find_sideband_rfft(rft: np.ndarray, n1: int) -> tuple[float, float]:
         ``rfft2`` of the (mean-free) hologram.
     n1 : int
         Number of columns of the transformed (padded) frame [px].
+    refine : bool
+        Interpolate the peak position between bins (two-point sinc interpolation along
+        each axis), so the sideband estimate does not depend on the FFT grid. Exact for a
+        pure fringe pattern in an unpadded frame; do not refine zero-padded spectra.
 
     Returns
     -------
     tuple of float
         Sideband (rows, cols) [cycles/px], row frequency negative.
     """
-    mag = np.abs(np.asarray(rft)).astype(np.float64, copy=True)
+    full = np.abs(np.asarray(rft)).astype(np.float64)
+    mag = full.copy()
     if mag.ndim != 2 or mag.shape[1] != n1 // 2 + 1:
         raise ValueError(f"expected an rfft2 spectrum of {n1} columns, got shape {mag.shape}")
     n0 = mag.shape[0]
@@ -71,7 +90,11 @@ def find_sideband_rfft(rft: np.ndarray, n1: int) -> tuple[float, float]:
     mag[np.abs(k0) <= minlo, :] = 0
     mag[:, :3] = 0
     i0, i1 = np.unravel_index(int(np.argmax(mag)), mag.shape)
-    b0, b1 = int(k0[i0]), int(i1)
+    b0, b1 = float(k0[i0]), float(i1)
+    if refine:
+        b0 += _interp_offset(full[(i0 - 1) % n0, i1], full[i0, i1], full[(i0 + 1) % n0, i1])
+        if 0 < i1 < full.shape[1] - 1:
+            b1 += _interp_offset(full[i0, i1 - 1], full[i0, i1], full[i0, i1 + 1])
     if b0 > 0:  # conjugate lobe: the qpretrieve sideband is at (-b0, -b1)
         b0, b1 = -b0, -b1
     return b0 / n0, b1 / n1
