@@ -1,0 +1,223 @@
+"""Parameters of the simulated QPI flow instrument (one dataclass, recorded with the data).
+
+The optical geometry comes from :class:`leukoflow.physics.Optics`; everything else that
+shapes the simulated data (class mix, OOD mix, flow, camera, background artefacts) lives in
+:class:`SimConfig`. ``SimConfig.to_dict()`` gives a JSON-safe dict for ``pipeline:``
+metadata, so every run and dataset records the parameters it was made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from leukoflow import CLASS_NAMES, OOD_KINDS
+from leukoflow.physics import DEFAULT_OPTICS, Optics
+
+#: Leukocyte mix of normal human blood (fractions of all leukocytes), CLASS_NAMES keys.
+DEFAULT_CLASS_FRACTIONS: dict[str, float] = {
+    "neutrophil": 0.60, "eosinophil": 0.03, "monocyte": 0.07, "lymphocyte": 0.30,
+}
+
+#: OOD object fractions (of all objects); kinds not named are 0.
+DEFAULT_OOD_FRACTIONS: dict[str, float] = {
+    "erythrocyte": 0.02, "platelet": 0.01, "debris": 0.01, "doublet": 0.0,
+    "defocus": 0.0, "digit": 0.0, "noise": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class CameraModel:
+    """Camera and interferometer intensity parameters.
+
+    Attributes
+    ----------
+    mean_counts : float
+        Mean background intensity [counts] (reference + object beam, no fringes).
+    fringe_visibility : float
+        Fringe contrast 2·a_r·a_o / (a_r² + a_o²) of the background hologram (0..1).
+    full_well_e : float
+        Electrons at full scale (2**bit_depth - 1 counts); sets the shot noise [e-].
+    read_noise_counts : float
+        Gaussian read noise [counts RMS].
+    noise_bank : int
+        Number of precomputed noise frames cycled by the fast simulator.
+    """
+
+    mean_counts: float = 100.0
+    fringe_visibility: float = 0.8
+    full_well_e: float = 10_000.0
+    read_noise_counts: float = 0.5
+    noise_bank: int = 16
+
+    def amplitudes(self) -> tuple[float, float]:
+        """Reference and object beam amplitudes (a_r, a_o) [sqrt(counts)]."""
+        s = self.mean_counts
+        p = self.fringe_visibility * s  # 2 a_r a_o
+        plus = math.sqrt(s + p)  # a_r + a_o
+        minus = math.sqrt(max(s - p, 0.0))  # a_r - a_o
+        return 0.5 * (plus + minus), 0.5 * (plus - minus)
+
+
+@dataclass(frozen=True)
+class BackgroundModel:
+    """Static background of the instrument (identical in every frame and the background).
+
+    Attributes
+    ----------
+    illumination_gradient : float
+        Relative intensity change across the field (linear tilt, 0..1).
+    vignetting : float
+        Relative intensity drop towards the corners (quadratic, 0..1).
+    dust_rings : int
+        Number of dust ring patterns in the object arm.
+    dust_phase_rad : float
+        Peak phase of one dust ring pattern [rad].
+    dust_amplitude : float
+        Peak relative amplitude modulation of one dust ring pattern.
+    ring_period_um : tuple[float, float]
+        Range of the ring period [µm]; >= 4 µm keeps the artefacts well inside the
+        sideband box so a background division removes them.
+    parasitic_fringe : float
+        Relative amplitude of a weak parasitic straight-fringe pattern (stray reflection).
+    """
+
+    illumination_gradient: float = 0.10
+    vignetting: float = 0.05
+    dust_rings: int = 4
+    dust_phase_rad: float = 0.15
+    dust_amplitude: float = 0.03
+    ring_period_um: tuple[float, float] = (4.0, 8.0)
+    parasitic_fringe: float = 0.02
+
+
+@dataclass
+class SimConfig:
+    """All parameters of the simulated instrument.
+
+    Attributes
+    ----------
+    seed : int
+        Master seed; the same seed gives the same bytes.
+    optics : leukoflow.physics.Optics
+        Optical geometry (wavelength [µm], medium index, pixel sizes, ROI, carrier
+        [cycles/px], frame rate [1/s], mean flow speed [µm/s], bit depth).
+    class_fractions : dict[str, float]
+        Leukocyte class mix (CLASS_NAMES keys), normalised internally.
+    ood_fractions : dict[str, float]
+        Fraction of all objects per OOD kind (OOD_KINDS keys); the rest are leukocytes.
+    concentration : float
+        Mean number of objects whose centre lies inside the field of view.
+    speed_spread : float
+        Per-object speed is uniform in mean·[1 - s, 1 + s].
+    lateral_sd_um : float
+        Standard deviation of the lateral (row) position around the channel centre [µm].
+    defocus_um : tuple[float, float]
+        Range of |defocus| of ``defocus`` objects [µm] (sign random).
+    smoothing_px : float
+        Gaussian optical blur applied to every phase map on the phase grid [px].
+    camera : CameraModel
+        Camera and beam intensities.
+    background : BackgroundModel
+        Static illumination profile and artefacts.
+    """
+
+    seed: int = 0
+    optics: Optics = DEFAULT_OPTICS
+    class_fractions: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_CLASS_FRACTIONS))
+    ood_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_OOD_FRACTIONS))
+    concentration: float = 1.5
+    speed_spread: float = 0.10
+    lateral_sd_um: float = 2.5
+    defocus_um: tuple[float, float] = (4.0, 15.0)
+    smoothing_px: float = 0.6
+    camera: CameraModel = field(default_factory=CameraModel)
+    background: BackgroundModel = field(default_factory=BackgroundModel)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for inconsistent parameters."""
+        unknown = set(self.class_fractions) - set(CLASS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown classes in class_fractions: {sorted(unknown)}")
+        unknown = set(self.ood_fractions) - set(OOD_KINDS)
+        if unknown:
+            raise ValueError(f"unknown OOD kinds in ood_fractions: {sorted(unknown)}")
+        if any(v < 0 for v in self.class_fractions.values()) or sum(
+                self.class_fractions.values()) <= 0:
+            raise ValueError("class_fractions must be >= 0 with a positive sum")
+        ood = sum(self.ood_fractions.values())
+        if any(v < 0 for v in self.ood_fractions.values()) or ood > 1.0:
+            raise ValueError("ood_fractions must be >= 0 and sum to <= 1")
+        if not self.concentration > 0:
+            raise ValueError("concentration must be > 0")
+        if not 0 <= self.speed_spread < 1:
+            raise ValueError("speed_spread must be in [0, 1)")
+        roi = self.optics.roi_shape
+        d = self.optics.downsample
+        if roi[0] % d or roi[1] % d or roi[0] < 16 * d or roi[1] < 16 * d:
+            raise ValueError(f"roi_shape {roi} must be multiples of downsample {d}, >= 16*{d}")
+        fy, fx = self.optics.carrier
+        if not (0.1 <= abs(fy) <= 0.4 and 0.1 <= abs(fx) <= 0.4):
+            raise ValueError("carrier components must lie in 0.1..0.4 cycles/px")
+        if self.optics.bit_depth not in (8,):
+            raise ValueError("only 8-bit cameras are simulated (uint8 frames)")
+        if not 0 < self.camera.fringe_visibility <= 1:
+            raise ValueError("fringe_visibility must be in (0, 1]")
+
+    @property
+    def leukocyte_fraction(self) -> float:
+        """Fraction of objects that are leukocytes."""
+        return 1.0 - sum(self.ood_fractions.values())
+
+    def kind_probabilities(self) -> dict[str, float]:
+        """Probability of each object kind (classes then OOD kinds), summing to 1."""
+        tot = sum(self.class_fractions.values())
+        probs = {c: self.leukocyte_fraction * self.class_fractions.get(c, 0.0) / tot
+                 for c in CLASS_NAMES}
+        probs.update({k: float(self.ood_fractions.get(k, 0.0)) for k in OOD_KINDS})
+        return probs
+
+    def replace(self, **changes: Any) -> SimConfig:
+        """Copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe nested dict of every parameter (for metadata)."""
+        d = dataclasses.asdict(self)
+        d["optics"] = self.optics.to_dict()
+        return _jsonable(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SimConfig:
+        """Inverse of :meth:`to_dict` (unknown keys raise ``TypeError``)."""
+        d = dict(d)
+        if "optics" in d and isinstance(d["optics"], dict):
+            o = dict(d["optics"])
+            for k in ("roi_shape", "carrier"):
+                if k in o:
+                    o[k] = tuple(o[k])
+            d["optics"] = Optics(**o)
+        if "camera" in d and isinstance(d["camera"], dict):
+            d["camera"] = CameraModel(**d["camera"])
+        if "background" in d and isinstance(d["background"], dict):
+            b = dict(d["background"])
+            if "ring_period_um" in b:
+                b["ring_period_um"] = tuple(b["ring_period_um"])
+            d["background"] = BackgroundModel(**b)
+        if "defocus_um" in d:
+            d["defocus_um"] = tuple(d["defocus_um"])
+        return cls(**d)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
