@@ -113,14 +113,20 @@ class DecisionRule:
     detector: OODScorer | None = None
     ood_threshold: float = float("inf")
 
-    def __call__(self, logits: np.ndarray, features: np.ndarray) -> Decisions:
-        """Decide every cell of a batch (see module docstring)."""
+    def __call__(self, logits: np.ndarray, features: np.ndarray,
+                 ood_score: np.ndarray | None = None) -> Decisions:
+        """Decide every cell of a batch (see module docstring).
+
+        ``ood_score`` (N,) is a score the backend already computed with the same detector
+        (on the GPU); otherwise the detector scores on the host.
+        """
         probs = softmax_t(logits, self.temperature)
         pred = probs.argmax(axis=1).astype(np.int64)
         conf = probs.max(axis=1)
         n = probs.shape[0]
         if self.detector is not None and n:
-            score = np.asarray(self.detector.score(logits, features), dtype=np.float32)
+            score = np.asarray(self.detector.score(logits, features) if ood_score is None
+                               else ood_score, dtype=np.float32)
             if score.shape != (n,):
                 raise ValueError(f"detector returned shape {score.shape}, expected ({n},)")
             is_ood = ~(score <= self.ood_threshold)  # NaN scores count as OOD
@@ -142,35 +148,17 @@ class DecisionRule:
         }
 
 
-def build_detector(ood: dict[str, Any] | None) -> OODScorer | None:
-    """Instantiate the OOD detector described by an artifact's ``ood`` entry.
-
-    Parameters
-    ----------
-    ood : dict or None
-        ``{"detector": name, "params": {...}, "threshold": float}`` (docs/CONTRACTS.md).
-    """
-    if not ood or not ood.get("detector"):
-        return None
-    from models.ood import DETECTORS  # lazy: models pulls in torch
-
-    cls = DETECTORS.get(ood["detector"])
-    params = ood.get("params", {})
-    try:
-        return cls.from_dict(params)
-    except (KeyError, TypeError):
-        return cls.from_dict({"detector": ood["detector"], **ood})
-
-
 def rule_from_artifact(artifact: Any) -> DecisionRule:
-    """The :class:`DecisionRule` of a loaded model artifact (``models.artifact.Artifact``)."""
-    ood = getattr(artifact, "ood", None) or {}
-    detector = getattr(artifact, "detector", None)
-    if callable(detector) and not hasattr(detector, "score"):
-        detector = detector()
-    if detector is None:
-        detector = build_detector(ood)
+    """The :class:`DecisionRule` of a loaded model artifact (``models.artifact.Artifact``).
+
+    The detector comes from ``artifact.ood_detector()`` (``models.ood``); its threshold is
+    the card's ``ood.threshold``. An artifact without a detector gets no OOD test.
+    """
+    ood = artifact.ood or {}
+    detector = artifact.ood_detector() if ood else None
     thr = ood.get("threshold")
+    if thr is None and detector is not None:
+        thr = detector.threshold
     return DecisionRule(
         temperature=float(artifact.temperature),
         confidence_threshold=float(artifact.confidence_threshold),

@@ -1,0 +1,126 @@
+"""GPU inference benchmark: the torch-cuda service over ZeroMQ vs the raw model ceiling.
+
+Side by side in one run (LeNet5, 64 x 64 px crops, fp16, untrained weights from a seed —
+throughput does not depend on the weights):
+
+* raw model ceiling: CUDA-graph replay of the fp16 network on device-resident input at
+  batch ``B`` (no transfers);
+* raw backend: ``TorchCudaBackend.infer`` on a host array at batch ``B`` (pinned staging,
+  H2D, graph replay, D2H);
+* the service: ``InferWorker`` (torch-cuda, max_batch ``B``, max_delay 2 ms) in its own
+  process, fed over loopback ZeroMQ by a synthetic producer process sending 1024 fp16 crops
+  per message; a collector stand-in in this process counts result cells. Target >= 250,000
+  cells/s.
+
+``--device cpu`` runs the same code with the torch-cpu backend and tiny sizes (tests).
+Usage: ``python benchmarks/gpu_infer.py [--device cuda|cpu] [--quick] [--json]``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import machine, main, row  # noqa: E402
+
+
+def service(device: str, n_msgs: int, per_msg: int, max_batch: int, size: int,
+            port0: int = 5650) -> dict:
+    """Service throughput (cells/s) fed by a producer process over loopback TCP."""
+    from inference.testing import count_results, produce, worker_process
+
+    mpc = mp.get_context("spawn")
+    crops_ep = f"tcp://127.0.0.1:{port0}"
+    results_ep = f"tcp://127.0.0.1:{port0 + 1}"
+    cfg = dict(model="synthetic", backend="torch-cuda" if device == "cuda" else "torch-cpu",
+               max_batch=max_batch, max_delay_ms=2.0, precision="fp16",
+               crops_endpoint=crops_ep, results_endpoint=results_ep,
+               explain_endpoint=f"tcp://127.0.0.1:{port0 + 2}",  # nobody there: drops
+               metrics_port=-1, crops_hwm=8)
+    ready, stop, out = mpc.Event(), mpc.Event(), mpc.Queue()
+    worker = mpc.Process(target=worker_process, args=(cfg, ready, stop, out),
+                         kwargs={"synthetic_size": size, "io_threads": 2}, daemon=True)
+    worker.start()
+    dtype = "float16" if device == "cuda" else "float32"
+    producer = mpc.Process(target=produce, args=(crops_ep, n_msgs, per_msg, size, dtype),
+                           kwargs={"ready": ready, "hwm": 8}, daemon=True)
+    producer.start()
+    try:
+        res = count_results(results_ep, n_msgs * per_msg, timeout_s=300)
+    finally:
+        stop.set()
+        producer.join(30)
+        try:
+            res["worker"] = out.get(timeout=90)
+        except Exception as exc:  # noqa: BLE001 - report, do not hide the measurement
+            res["worker"] = {"error": repr(exc)}
+        worker.join(30)
+        for p in (producer, worker):
+            if p.is_alive():
+                p.kill()
+    return res
+
+
+def raw(device: str, batch: int, size: int, repeat: int) -> dict:
+    """Raw model ceiling (device-resident, graph replay) and raw backend (host arrays)."""
+    import torch
+
+    from inference.backends import create_backend
+    from inference.testing import SyntheticArtifact, synthetic_crops
+
+    torch.set_num_threads(1)
+    art = SyntheticArtifact(size)
+    name = "torch-cuda" if device == "cuda" else "torch-cpu"
+    be = create_backend(name, art, max_batch=batch, precision="fp16")
+    be.warmup()
+    x = synthetic_crops(batch, size, seed=1, dtype=be.input_dtype)
+    be.infer(x)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        be.infer(x)
+    backend_rate = batch * repeat / (time.perf_counter() - t0)
+    if device == "cuda":
+        graph, _ = be._graph(batch)  # device-resident input: the model alone
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.cuda.stream(be.stream):
+            for _ in range(repeat):
+                graph.replay()
+        be.stream.synchronize()
+        model_rate = batch * repeat / (time.perf_counter() - t0)
+    else:
+        model_rate = backend_rate
+    return {"model": model_rate, "backend": backend_rate}
+
+
+def run(quick: bool = False, device: str | None = None) -> dict:
+    """Raw ceilings and service throughput (see module docstring)."""
+    if device is None:
+        device = "cuda" if "--device" in sys.argv and sys.argv[
+            sys.argv.index("--device") + 1] == "cuda" else "cpu"
+    if device == "cuda":
+        batch, per_msg, size = 2048, 1024, 64
+        n_msgs, repeat = (100 if quick else 600), (20 if quick else 200)
+    else:
+        batch, per_msg, size = 64, 32, 64
+        n_msgs, repeat = (6 if quick else 24), 3
+    r = raw(device, batch, size, repeat)
+    s = service(device, n_msgs, per_msg, batch, size)
+    rows = [
+        row(f"raw model {device} fp16 graph, batch {batch}", r["model"], "cells/s"),
+        row(f"raw backend {device} (host I/O), batch {batch}", r["backend"], "cells/s",
+            "raw model", r["model"]),
+        row(f"service {device} over ZeroMQ ({per_msg}/msg)", s["cells_per_s"], "cells/s",
+            "raw backend", r["backend"], ">= 250000 cells/s" if device == "cuda" else ""),
+    ]
+    return {"machine": machine(), "device": device, "rows": rows, "service": s,
+            "batch": batch, "crops_per_message": per_msg, "crop_px": size, "quick": quick}
+
+
+if __name__ == "__main__":
+    main(run)
