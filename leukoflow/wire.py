@@ -183,21 +183,25 @@ def _check_list(h: Mapping, key: str, n: int | None, *, required: bool = True) -
 
 
 def _check_ints(vals: Sequence, key: str, lo: int, hi: int) -> None:
-    for x in vals:
-        if not _is_int(x):
-            raise WireError("field_type", f"{key} entries must be integers")
-        if not lo <= x <= hi:
-            raise WireError("field_value", f"{key} entry {x} outside [{lo}, {hi}]")
+    # vectorised over the list: type() excludes bool; min/max bound the range
+    if not vals:
+        return
+    if not all(type(x) is int for x in vals):
+        raise WireError("field_type", f"{key} entries must be integers")
+    if min(vals) < lo or max(vals) > hi:
+        raise WireError("field_value", f"{key} entries outside [{lo}, {hi}]")
 
 
 def _check_floats(vals: Sequence, key: str, lo: float = -math.inf, hi: float = math.inf) -> None:
-    for x in vals:
-        if not _is_num(x):
-            raise WireError("field_type", f"{key} entries must be numbers")
-        if not math.isfinite(x):
+    if not vals:
+        return
+    if not all(type(x) is float or type(x) is int for x in vals):
+        raise WireError("field_type", f"{key} entries must be numbers")
+    if not math.isfinite(math.fsum(vals)):  # NaN/inf anywhere (or an overflowing sum)
+        if not all(math.isfinite(x) for x in vals):
             raise WireError("non_finite", f"{key} has a non-finite entry")
-        if not lo <= x <= hi:
-            raise WireError("field_value", f"{key} entry {x} outside [{lo}, {hi}]")
+    if min(vals) < lo or max(vals) > hi:
+        raise WireError("field_value", f"{key} entries outside [{lo}, {hi}]")
 
 
 def _check_stats(v: Any, key: str, depth: int = 0, budget: list[int] | None = None) -> None:
@@ -340,10 +344,9 @@ def validate_header(h: Any) -> str:
         _check_int(h, "frame", 0)
         bbox = _check_list(h, "bbox", n)
         assert bbox is not None
-        for b in bbox:
-            if not isinstance(b, list) or len(b) != 4:
-                raise WireError("field_type", "bbox entries must be [y0, x0, h, w]")
-            _check_ints(b, "bbox", -MAX_SIDE * 64, MAX_SIDE * 64)
+        if not all(type(b) is list and len(b) == 4 for b in bbox):
+            raise WireError("field_type", "bbox entries must be [y0, x0, h, w]")
+        _check_ints([v for b in bbox for v in b], "bbox", -MAX_SIDE * 64, MAX_SIDE * 64)
         feat = h.get("feat", {})
         if not isinstance(feat, dict) or len(feat) > 256:
             raise WireError("field_type", "feat must be a map of name -> list")
