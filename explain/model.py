@@ -34,7 +34,8 @@ class ExplainModel(nn.Module):
     temperature : float
         Calibration temperature T (> 0); the output is ``logits / T``.
     input_size : int or None
-        Side of the network input [px]; crops of another size are resized bilinearly.
+        Side of the network input [px]; crops of another size are centre-cropped or padded
+        with 0 rad (as ``models.artifact.fit_size``; the pixel size is never changed).
     """
 
     def __init__(self, net: nn.Module, mean: float = 0.0, std: float = 1.0,
@@ -54,9 +55,8 @@ class ExplainModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if x.ndim == 3:
             x = x.unsqueeze(1)
-        if self.input_size is not None and x.shape[-1] != self.input_size:
-            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size),
-                                          mode="bilinear", align_corners=False)
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size,) * 2:
+            x = fit_size(x, self.input_size)
         z = self.net((x - self.mean) / self.std)
         return z / self.temperature
 
@@ -123,6 +123,17 @@ class ModelBundle:
         if not out:
             return np.zeros((0, len(self.class_names)), np.float32)
         return np.concatenate(out)
+
+
+def fit_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop or zero-pad (N, C, H, W) to (N, C, size, size) [px], no resampling."""
+    h, w = x.shape[-2:]
+    sy, sx = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    x = x[..., sy:sy + min(h, size), sx:sx + min(w, size)]
+    ph, pw = size - x.shape[-2], size - x.shape[-1]
+    if ph or pw:
+        x = nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return x
 
 
 def weights_sha256(module: nn.Module) -> str:

@@ -137,10 +137,7 @@ def slic_segments(x: np.ndarray, n_segments: int, mask: np.ndarray, *, compactne
                    start_label=1, channel_axis=None, mask=mask, enforce_connectivity=True)
     seg = np.where(mask, seg, 0)
     _, inv = np.unique(seg, return_inverse=True)  # contiguous; 0 stays first (smallest)
-    out = inv.reshape(seg.shape).astype(np.int64)
-    if (seg == 0).any():
-        return out
-    return out + 1 - out.min() if out.min() > 0 else out
+    return inv.reshape(seg.shape).astype(np.int64)
 
 
 def multi_slic(x: np.ndarray, params: SlicParams = SlicParams(),

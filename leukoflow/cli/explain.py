@@ -1,21 +1,228 @@
-"""CLI: explain, audit (placeholder until built)."""
+"""CLI: ``leukoflow explain`` (service), ``leukoflow explain meta``, ``leukoflow audit``.
+
+Heavy imports (torch, captum, scikit-image) happen inside the command bodies only.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from leukoflow.cli import not_built
+
+def _load_dataset(spec: str, split: str | None, seed: int):
+    """``sim[:N]`` (simulated, N per class), ``.rtdc`` or ``.npz`` -> (x, y, truth, meta)."""
+    import numpy as np
+
+    if spec.startswith("sim"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 100
+        from acquisition.sim import make_crop_dataset
+
+        d = make_crop_dataset(n, 0, seed)
+        keep = np.asarray(d["y"]) >= 0
+        feats = {k: np.asarray(v)[keep] for k, v in d["features"].items()}
+        return d["x"][keep], d["y"][keep], feats, {"source": f"simulated n_per_class={n} "
+                                                             f"seed={seed}"}
+    from leukoflow.rtdc import read_crop_dataset
+
+    d = read_crop_dataset(spec, split=split)
+    keep = np.asarray(d["y"]) >= 0
+    feats = {k: np.asarray(v)[keep] for k, v in (d.get("features") or {}).items()}
+    meta = {"source": spec, "split": split}
+    return d["x"][keep], d["y"][keep], feats, meta
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    explain_app = typer.Typer(help="Explain flagged cells (service) and meta-explanations.",
+                              invoke_without_command=True, no_args_is_help=False)
 
-    @app.command("explain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def explain() -> None:
-        """explain: not built yet."""
-        not_built("explain")
+    @explain_app.callback(invoke_without_command=True)
+    def explain(
+        ctx: typer.Context,
+        run_dir: Annotated[str | None, typer.Option(
+            "--run-dir", help="Run folder; artifacts go to RUN_DIR/explanations "
+            "(default runs/current).")] = None,
+        model: Annotated[str | None, typer.Option(
+            "--model", help="Model artifact name or folder (default lenet5-sim).")] = None,
+        methods: Annotated[str | None, typer.Option(
+            "--methods", help="Comma-separated methods: lime, guided_backprop, gradcam, "
+            "integrated_gradients, occlusion (default lime,guided_backprop).")] = None,
+        endpoint: Annotated[str | None, typer.Option(
+            "--endpoint", help="PULL endpoint to bind (default tcp://127.0.0.1:5557).")] = None,
+        backlog: Annotated[int | None, typer.Option(
+            "--backlog", help="Max cells waiting; oldest dropped beyond (default 64).")] = None,
+        batch_cells: Annotated[int | None, typer.Option(
+            "--batch-cells", help="Cells explained together (default 1).")] = None,
+        lime_samples: Annotated[int | None, typer.Option(
+            "--lime-samples", help="LIME samples per segmentation (default 500).")] = None,
+        device: Annotated[str | None, typer.Option(
+            "--device", help="Torch device (default cpu).")] = None,
+        threads: Annotated[int | None, typer.Option(
+            "--threads", help="Torch CPU threads (default 1).")] = None,
+        metrics_port: Annotated[int | None, typer.Option(
+            "--metrics-port", help="/metrics /healthz /readyz port on 127.0.0.1 "
+            "(default 9103).")] = None,
+        print_config: Annotated[bool, typer.Option(
+            "--print-config", help="Print the resolved configuration as JSON and exit.")
+        ] = False,
+    ) -> None:
+        """Run the explainer service: PULL flagged cells, write per-cell artifacts.
 
-    @app.command("audit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def audit() -> None:
-        """audit: not built yet."""
-        not_built("audit")
+        Stops gracefully on SIGTERM, SIGINT or a control ``stop`` message; cells still in
+        the backlog are counted as dropped (reason ``shutdown``).
+        """
+        if ctx.invoked_subcommand is not None:
+            return
+        import json
+
+        from explain.service import ExplainConfig, ExplainService
+        from leukoflow.config import ConfigError, as_dict, resolve
+
+        try:
+            cfg = resolve("explain", ExplainConfig, {
+                "run_dir": run_dir, "model": model, "endpoint": endpoint, "backlog": backlog,
+                "methods": methods, "batch_cells": batch_cells, "lime_samples": lime_samples,
+                "device": device, "threads": threads, "metrics_port": metrics_port})
+        except ConfigError as exc:
+            typer.echo(f"leukoflow explain: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if print_config:
+            typer.echo(json.dumps(as_dict(cfg), indent=2))
+            return
+        from explain.methods import EXPLAINERS
+
+        for m in cfg.methods:
+            if m not in EXPLAINERS:
+                typer.echo(f"leukoflow explain: unknown method {m!r}; available: "
+                           f"{', '.join(EXPLAINERS.names())}", err=True)
+                raise typer.Exit(2)
+        svc = ExplainService(cfg)
+        stats = svc.run_forever()
+        typer.echo(json.dumps(stats))
+
+    @explain_app.command("meta")
+    def meta(
+        source: Annotated[str, typer.Argument(
+            help="Run folder (with explanations/), dataset (.rtdc/.npz) or sim[:N].")],
+        out: Annotated[Path | None, typer.Option(
+            "--out", help="Report folder (default SOURCE/meta or ./meta-<name>).")] = None,
+        model: Annotated[str, typer.Option(
+            "--model", help="Model artifact (dataset mode).")] = "lenet5-sim",
+        method: Annotated[str, typer.Option("--method", help="Maps to analyse.")] = "lime",
+        split: Annotated[str | None, typer.Option(
+            "--split", help="Split of a split .npz (train/val/test).")] = None,
+        max_cells: Annotated[int, typer.Option("--max-cells", help="Cells explained.")] = 400,
+        lime_samples: Annotated[int, typer.Option(
+            "--lime-samples", help="LIME samples per segmentation.")] = 300,
+        location_cells: Annotated[int, typer.Option(
+            "--location-cells", help="Cells per class for the location summary (0 off).")] = 20,
+        tcav: Annotated[bool, typer.Option("--tcav/--no-tcav", help="Run TCAV.")] = True,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        as_json: Annotated[bool, typer.Option("--json", help="Print meta.json.")] = False,
+    ) -> None:
+        """Meta-explanations: per class/confidence maps, SpRAy clusters, TCAV, location."""
+        import json
+
+        from explain.meta import MetaConfig, compute_maps, load_run, run_meta
+
+        cfg = MetaConfig(method=method, max_cells=max_cells, lime_samples=lime_samples,
+                         location_cells=location_cells, tcav=tcav, seed=seed)
+        p = Path(source)
+        try:
+            if p.is_dir():
+                ms = load_run(p, method)
+                summary = run_meta(ms, out or p / "meta", cfg, source=source)
+            else:
+                from explain.model import ModelBundle
+                from explain.tcav import sim_truth_crops
+
+                x, y, _feats, info = _load_dataset(source, split, seed)
+                bundle = ModelBundle.from_artifact(model)
+                truth = None
+                xt, yt = x, y
+                if tcav and source.startswith("sim"):
+                    # concepts need per-cell morphology truth: render cells with it
+                    xt, yt, truth = sim_truth_crops(max(20, cfg.tcav_concept_size), seed)
+                ms = compute_maps(bundle, x, y, cfg)
+                dest = out or Path(f"meta-{Path(source).stem.replace(':', '-')}")
+                summary = run_meta(ms, dest, cfg, bundle=bundle, x=x, y=y, source=str(info))
+                if truth is not None:
+                    from explain.meta import tcav_from_truth
+
+                    summary["tcav"] = tcav_from_truth(bundle, xt, yt, truth, cfg)
+                    (Path(dest) / "meta.json").write_text(
+                        json.dumps(summary, indent=1, default=float))
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            typer.echo(f"leukoflow explain meta: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if as_json:
+            typer.echo(json.dumps(summary, indent=1, default=float))
+        else:
+            typer.echo(f"{summary['n_maps']} maps; SpRAy clusters: "
+                       f"{ {k: v['n_clusters'] for k, v in summary['spray'].items()} }")
+            for k, v in summary.get("relevance_location", {}).items():
+                typer.echo(f"{k}: interior enrichment {v['interior_enrichment_mean']:.2f} "
+                           f"± {v['interior_enrichment_std']:.2f} (n={v['n_cells']})")
+            if "tcav" in summary and "results" in summary["tcav"]:
+                from explain.tcav import tcav_report_lines
+
+                for line in tcav_report_lines(summary["tcav"]):
+                    typer.echo(line)
+
+    app.add_typer(explain_app, name="explain")
+
+    @app.command("audit")
+    def audit(
+        dataset: Annotated[str, typer.Argument(
+            help="Labeled dataset: .rtdc, .npz (split layout: see --split) or sim[:N].")],
+        out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("audit"),
+        split: Annotated[str | None, typer.Option(
+            "--split", help="Split of a split .npz (train/val/test) (default train).")] = None,
+        folds: Annotated[int, typer.Option("--folds", help="k of the k-fold.")] = 5,
+        epochs: Annotated[int, typer.Option("--epochs", help="Max epochs per fold.")] = 25,
+        top: Annotated[int, typer.Option("--top", help="Suspects listed.")] = 24,
+        explain_top: Annotated[int, typer.Option(
+            "--explain-top", help="Suspects explained (LIME, Guided Backprop).")] = 12,
+        flip: Annotated[float, typer.Option(
+            "--flip", help="Flip this fraction of labels first (validation of the audit).")
+        ] = 0.0,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        threads: Annotated[int, typer.Option("--threads")] = 1,
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+        as_json: Annotated[bool, typer.Option("--json", help="Print audit.json.")] = False,
+    ) -> None:
+        """Audit a labeled dataset for mislabeled samples and outliers (HTML + PNG report)."""
+        import json
+
+        import numpy as np
+
+        from explain.audit import AuditConfig, flip_labels, run_audit
+        from leukoflow import CLASS_NAMES
+
+        try:
+            x, y, _f, info = _load_dataset(dataset, split, seed)
+            truth = None
+            if flip > 0:
+                y, truth = flip_labels(y, flip, len(CLASS_NAMES), np.random.default_rng(seed))
+            cfg = AuditConfig(folds=folds, epochs=epochs, top=top, explain_top=explain_top,
+                              seed=seed, threads=threads, device=device)
+            name = f"{dataset}" + (f" [{split}]" if split else "")
+            summary = run_audit(x, y, out, cfg, CLASS_NAMES, name, truth)
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            typer.echo(f"leukoflow audit: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        _ = info
+        if as_json:
+            typer.echo(json.dumps(summary, indent=1))
+            return
+        typer.echo(f"out-of-fold accuracy {summary['oof_accuracy']:.3f}; report: "
+                   f"{out / 'report.html'}")
+        if "flipped" in summary:
+            typer.echo(f"precision among top-{summary['flipped']['n']}: "
+                       f"{summary['flipped']['precision_at_k']:.3f}")
+        for r in summary["suspects"][:10]:
+            typer.echo(f"#{r['rank']:>2} index {r['index']:>5} label {r['label']:<10} "
+                       f"model {r['predicted']:<10} 1-p={r['disagreement']:.3f} "
+                       f"ood={r['ood_score']:.2f}")

@@ -1,0 +1,21 @@
+"""Explanation methods behind one registry.
+
+``EXPLAINERS.create("lime", bundle=bundle, n_samples=500)`` returns an
+:class:`~explain.methods.base.Explainer`; :meth:`~explain.methods.base.Explainer.explain`
+takes crops (B, H, W) [rad] and one target per crop and returns
+:class:`~explain.methods.base.Explanation` objects.
+
+Registered: ``lime`` (batched fused multi-SLIC LIME), ``guided_backprop``, ``gradcam``,
+``integrated_gradients``, ``occlusion`` (Captum).
+"""
+
+from __future__ import annotations
+
+from leukoflow.registry import Registry
+
+EXPLAINERS: Registry = Registry("explainer")
+
+from explain.methods import captum_methods, lime  # noqa: E402,F401  (register plugins)
+from explain.methods.base import Explainer, Explanation  # noqa: E402
+
+__all__ = ["EXPLAINERS", "Explainer", "Explanation"]
