@@ -1,0 +1,183 @@
+"""Validate a labelled recording: compare its predictions with the ground truth.
+
+``validate_recording(path)`` reads a leukoflow ``.rtdc`` recording (predictions in
+``ml_score_*`` and ``userdef2..5``, ground truth in ``userdef0``; see
+:mod:`leukoflow.recorder`) and reports
+
+* ``classification``: arg-max accuracy over every labelled in-distribution cell, the
+  confusion matrix (rows = true class, columns = predicted class) and per-class precision,
+  recall and F1; the same restricted to *counted* cells (``counted``) with the coverage;
+* ``decisions``: rows = true class (and ``ood`` objects), columns = class / uncertain / ood;
+* ``differential``: live differential (fraction of counted cells per predicted class) vs the
+  true differential of the labelled in-distribution cells, error in percentage points;
+* ``calibration``: ECE (15 equal-width bins, top label; :mod:`models.calibration`), adaptive
+  ECE, MCE, NLL, Brier and the reliability-diagram bins;
+* ``ood``: rejection rate of OOD objects (decided ``ood``), per object kind, and the false
+  rejection rate of in-distribution cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leukoflow import CLASS_NAMES
+
+N_BINS = 15
+
+
+def _prf(cm: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    out = {}
+    for i, name in enumerate(names):
+        tp = int(cm[i, i])
+        fp = int(cm[:, i].sum() - tp)
+        fn = int(cm[i, :].sum() - tp)
+        p = tp / (tp + fp) if tp + fp else None
+        r = tp / (tp + fn) if tp + fn else None
+        f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else None
+        out[name] = {"precision": p, "recall": r, "f1": f1, "support": int(cm[i, :].sum())}
+    return out
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS
+                     ) -> dict[str, list]:
+    """Per-bin count, mean confidence and accuracy over equal-width bins (lower, upper]."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    sconf = np.bincount(idx, weights=conf, minlength=n_bins)
+    sacc = np.bincount(idx, weights=correct.astype(float), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mc, ma = sconf / count, sacc / count
+    return {"edges": edges.tolist(), "count": count.tolist(),
+            "confidence": [None if not np.isfinite(v) else float(v) for v in mc],
+            "accuracy": [None if not np.isfinite(v) else float(v) for v in ma]}
+
+
+def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, decisions: Sequence[str],
+                         kinds: Sequence[str] | None = None,
+                         classes: Sequence[str] = CLASS_NAMES) -> dict[str, Any]:
+    """Compare predictions with labels (the core of :func:`validate_recording`).
+
+    Parameters
+    ----------
+    probs : ndarray (N, K)
+        Calibrated probabilities.
+    labels : ndarray (N,)
+        Class index, -1 for OOD objects, -2 (or < -1) for unknown.
+    decisions : sequence of str
+        ``counted``, ``uncertain`` or ``ood`` per cell.
+    kinds : sequence of str, optional
+        Object kind per cell (for per-kind OOD rejection rates).
+    classes : sequence of str
+        Class names in column order.
+    """
+    from models import calibration
+
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    dec = np.asarray(list(decisions))
+    k = len(classes)
+    pred = probs.argmax(1)
+    idd = labels >= 0
+    ood_obj = labels == -1
+    if not (idd.any() or ood_obj.any()):
+        raise ValueError("the recording has no ground-truth labels (userdef0)")
+    out: dict[str, Any] = {"n": int(len(labels)), "labelled_in_distribution": int(idd.sum()),
+                           "ood_objects": int(ood_obj.sum()), "classes": list(classes)}
+    # classification over all labelled in-distribution cells (arg max)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (labels[idd], pred[idd]), 1)
+    cnt = idd & (dec == "counted")
+    cm_c = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm_c, (labels[cnt], pred[cnt]), 1)
+    out["classification"] = {
+        "accuracy": float((pred[idd] == labels[idd]).mean()) if idd.any() else None,
+        "confusion_matrix": cm.tolist(),
+        "confusion_axes": "rows = true class, columns = predicted class",
+        "per_class": _prf(cm, classes),
+        "counted": {
+            "accuracy": float((pred[cnt] == labels[cnt]).mean()) if cnt.any() else None,
+            "coverage": float(cnt.sum() / idd.sum()) if idd.any() else None,
+            "confusion_matrix": cm_c.tolist(),
+            "per_class": _prf(cm_c, classes),
+        },
+    }
+    # decisions per true class (+ OOD objects)
+    cols = [*classes, "uncertain", "ood"]
+    rows = {}
+    for name, mask in [*((c, labels == i) for i, c in enumerate(classes)), ("ood", ood_obj)]:
+        row = [int(((dec == "counted") & mask & (pred == j)).sum()) for j in range(k)]
+        row += [int(((dec == "uncertain") & mask).sum()), int(((dec == "ood") & mask).sum())]
+        rows[name] = row
+    out["decisions"] = {"columns": cols, "rows": rows}
+    # differential error (pp): live fraction among all counted cells vs truth among ID cells
+    all_counted = dec == "counted"
+    n_cnt = int(all_counted.sum())
+    n_true = int(idd.sum())
+    diff = {}
+    for i, name in enumerate(classes):
+        live = float((pred[all_counted] == i).sum() / n_cnt) if n_cnt else None
+        true = float((labels[idd] == i).sum() / n_true) if n_true else None
+        diff[name] = {"live": live, "true": true,
+                      "error_pp": 100.0 * (live - true) if live is not None and true is not None
+                      else None}
+    out["differential"] = {"classes": diff, "counted": n_cnt,
+                           "max_abs_error_pp": max((abs(v["error_pp"]) for v in diff.values()
+                                                    if v["error_pp"] is not None), default=None)}
+    # calibration on labelled in-distribution cells
+    if idd.any():
+        p, y = probs[idd], labels[idd]
+        out["calibration"] = {
+            "ece": calibration.ece(p, y, N_BINS), "adaptive_ece": calibration.adaptive_ece(p, y),
+            "mce": calibration.mce(p, y), "nll": calibration.nll(p, y),
+            "brier": calibration.brier(p, y), "n_bins": N_BINS,
+            "reliability": reliability_bins(p, y, N_BINS),
+        }
+    # OOD rejection
+    ood: dict[str, Any] = {
+        "rejection_rate": float((dec[ood_obj] == "ood").mean()) if ood_obj.any() else None,
+        "counted_rate": float((dec[ood_obj] == "counted").mean()) if ood_obj.any() else None,
+        "false_rejection_rate": float((dec[idd] == "ood").mean()) if idd.any() else None,
+        "per_kind": {},
+    }
+    if kinds is not None and ood_obj.any():
+        kk = np.asarray(list(kinds))
+        for kind in sorted(set(kk[ood_obj].tolist())):
+            m = ood_obj & (kk == kind)
+            ood["per_kind"][kind or "unknown"] = {
+                "n": int(m.sum()), "rejection_rate": float((dec[m] == "ood").mean())}
+    out["ood"] = ood
+    return out
+
+
+def validate_recording(path: str | Path) -> dict[str, Any]:
+    """Validate one labelled recording (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        When the file has no predictions or no labels.
+    """
+    from leukoflow.recorder import read_recording
+
+    rec = read_recording(path)
+    if "probs" not in rec or "decision" not in rec:
+        raise ValueError(f"{path}: no predictions (ml_score_*/userdef2): not a run recording")
+    out = evaluate_predictions(rec["probs"], rec["label"], rec["decision"], rec["kind"],
+                               rec["classes"])
+    out["file"] = str(path)
+    out["model"] = rec["meta"].get("user:model", None)
+    return out
+
+
+def write_html(result: dict[str, Any], out: str | Path) -> Path:
+    """Write a self-contained validation report (HTML + PNG figures) into folder ``out``."""
+    from leukoflow import report
+
+    return report.write_validation_report(result, out)
