@@ -29,6 +29,21 @@ import numpy as np
 IMAGE_FEATURES = ("image", "image_bg", "mask", "qpi_pha", "qpi_amp", "qpi_oah", "qpi_oah_bg")
 
 
+def open_rtdc(path: str | Path) -> Any:
+    """Open an ``.rtdc`` file read-only with the Zstd filter registered.
+
+    Falls back to SWMR read mode for a file whose writer was killed while appending (its
+    superblock still says "open for writing"); the data flushed before the kill is read.
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the Zstd filter)
+
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", swmr=True)
+
+
 def _compression() -> dict[str, Any]:
     try:
         import hdf5plugin
@@ -343,10 +358,8 @@ def read_crop_dataset(path: str | Path, split: str | None = None) -> dict[str, A
             kind = [names[i] if i >= 0 else "ood" for i in y]
         return {"x": x.astype(np.float32), "y": y, "kind": kind, "features": {},
                 "meta": {"source": str(p), "split": split, "class_names": names}}
-    import h5py
-
     try:
-        with h5py.File(p, "r") as h5:
+        with open_rtdc(p) as h5:
             ev = h5["events"]
             if "qpi_pha" not in ev:
                 raise ValueError(f"{p} has no qpi_pha crops")
