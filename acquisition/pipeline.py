@@ -1,0 +1,517 @@
+"""The acquisition pipeline, in process: frame -> reconstruct -> segment -> features -> gates
+-> track -> finished cells -> crops.
+
+:class:`AcquisitionPipeline` is a plain class without sockets or threads, used by the
+``acquire`` service, by replay and by tests. Every frame gives a :class:`FrameResult` with
+the cells whose tracks ended in that frame (one crop each) and the cells rejected in that
+frame, so a caller can publish and account for every object.
+
+Frames can enter as raw holograms (:meth:`AcquisitionPipeline.process`, needs a
+reconstructor) or as ready phase frames (:meth:`AcquisitionPipeline.process_phase`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from acquisition.crops import CellCrop, CropConfig, CropExtractor
+from acquisition.features import Detection, measure_objects
+from acquisition.gates import GateConfig, QualityGates
+from acquisition.segment import SEGMENTERS, Segmenter
+from acquisition.sources.base import FrameValidator, RawFrame
+from acquisition.track import FinishedTrack, TrackConfig, Tracker
+from leukoflow.physics import DEFAULT_OPTICS, Optics
+
+#: Stage names stamped (monotonic ns) into ``FrameResult.t`` and the crop messages.
+STAGES: tuple[str, ...] = ("t_acq", "t_recon", "t_segment", "t_track", "t_crop")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every parameter of the acquisition pipeline (flat, for ``config.resolve``).
+
+    Attributes
+    ----------
+    recon_mode : str
+        Reconstruction mode (``fast`` or ``compatible``).
+    recon_backend : str
+        Reconstruction array backend (``numpy`` or ``torch``).
+    downsample : int
+        Fast-mode Fourier-crop factor (camera px per phase px).
+    segmenter : str
+        Segmenter registry name.
+    threshold_rad : float
+        Phase threshold of the segmenter [rad].
+    opening_radius : int
+        Opening disk radius [phase px].
+    max_small_px : int
+        Objects of at most this many pixels are dropped [px].
+    clear_border_edges : str
+        Edges that clear touching objects in the segmenter (default none: the tracker and
+        gates handle edge objects so that they are counted).
+    min_area_um, max_area_um : float
+        Area gates [µm²].
+    min_solidity, max_eccentricity : float
+        Doublet gates (shape).
+    max_peaks : int
+        Doublet gate (separated phase maxima).
+    max_amp_std : float
+        Focus gate: relative amplitude std inside the cell.
+    reject_channel_border : bool
+        Reject objects touching the channel walls (top/bottom rows).
+    expected_dx_px : float
+        Expected displacement per frame [phase px]; 0 = from the optics (58.8).
+    gate_x_px, gate_y_px : float
+        Tracker association gates [px].
+    max_missed, max_age_frames, max_open : int
+        Tracker bounds.
+    crop_size, crop_margin : int
+        Crop side and captured margin [px].
+    with_amplitude : bool
+        Also publish amplitude crops (not sent on the wire v1; recorded only).
+    truth_match_px : float
+        Margin [px] added to the object's equivalent radius for the ground-truth match.
+    saturated_fraction : float
+        Frames with more saturated pixels than this fraction are rejected.
+    """
+
+    recon_mode: str = "fast"
+    recon_backend: str = "numpy"
+    downsample: int = 4
+    segmenter: str = "thresh"
+    threshold_rad: float = 0.25
+    opening_radius: int = 2
+    max_small_px: int = 10
+    clear_border_edges: str = ""
+    min_area_um: float = 7.0
+    max_area_um: float = 320.0
+    min_solidity: float = 0.85
+    max_eccentricity: float = 0.92
+    max_peaks: int = 1
+    max_amp_std: float = 0.06
+    reject_channel_border: bool = True
+    expected_dx_px: float = 0.0
+    gate_x_px: float = 18.0
+    gate_y_px: float = 6.0
+    max_missed: int = 3
+    max_age_frames: int = 64
+    max_open: int = 256
+    crop_size: int = 64
+    crop_margin: int = 8
+    with_amplitude: bool = False
+    truth_match_px: float = 8.0
+    saturated_fraction: float = 0.05
+
+    def to_dict(self) -> dict:
+        """Plain dict (for metadata)."""
+        return asdict(self)
+
+
+@dataclass
+class EmittedCell:
+    """A cell whose track ended with an accepted instance.
+
+    Attributes
+    ----------
+    cell_id : int
+        Run-unique cell id (consecutive from 0 per pipeline).
+    crop : CellCrop
+        The crop (phase [rad], mask, bbox, features).
+    frame : int
+        Frame index of the instance the crop was cut from.
+    t_acq_ns : int
+        Acquisition time of that frame [monotonic ns].
+    truth_id : int
+        Matched ground-truth cell id (-1 when unknown or unmatched).
+    label : int
+        Ground-truth class index (-1 for OOD objects or unknown).
+    kind : str
+        Ground-truth object kind ("" when unknown).
+    n_instances : int
+        Detections associated with this cell.
+    origin : object
+        The source's frame object the crop came from (simulator ``Frame``; for scoring
+        against ``true_phase``), None for real sources.
+    """
+
+    cell_id: int
+    crop: CellCrop
+    frame: int
+    t_acq_ns: int
+    truth_id: int = -1
+    label: int = -1
+    kind: str = ""
+    n_instances: int = 0
+    origin: Any = None
+
+
+@dataclass
+class RejectedCell:
+    """A track that ended without an accepted instance."""
+
+    reason: str
+    track: FinishedTrack
+
+
+@dataclass
+class FrameResult:
+    """Outcome of one frame.
+
+    Attributes
+    ----------
+    index : int
+        Frame index.
+    t : dict
+        Stage timestamps [monotonic ns] (:data:`STAGES`).
+    cells : list[EmittedCell]
+        Cells finished in this frame.
+    rejected : list[RejectedCell]
+        Objects rejected in this frame (tracks ended without an accepted instance).
+    frame_reject : str or None
+        Why the frame itself was rejected (then nothing else happened).
+    n_detections : int
+        Objects segmented in this frame.
+    """
+
+    index: int
+    t: dict[str, int]
+    cells: list[EmittedCell] = field(default_factory=list)
+    rejected: list[RejectedCell] = field(default_factory=list)
+    frame_reject: str | None = None
+    n_detections: int = 0
+
+
+@dataclass
+class _Payload:
+    capture: Any
+    truth: tuple[int, int, str] | None
+    origin: Any = None
+
+
+class AcquisitionPipeline:
+    """Frames in, one crop per cell out.
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        Parameters.
+    background : numpy.ndarray, optional
+        Background hologram; needed by :meth:`process` (raw holograms).
+    optics : leukoflow.physics.Optics
+        Instrument geometry (pixel size, wavelength, expected displacement, frame shape).
+    reconstructor : object, optional
+        A ready :class:`acquisition.reconstruct.Reconstructor` (overrides ``background``).
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, *, background: Any = None,
+                 optics: Optics = DEFAULT_OPTICS, reconstructor: Any = None) -> None:
+        self.config = c = config or PipelineConfig()
+        self.optics = optics
+        self.pixel_um = optics.camera_pixel_um * c.downsample
+        self.phase_shape = (optics.roi_shape[0] // c.downsample,
+                            optics.roi_shape[1] // c.downsample)
+        dx = c.expected_dx_px or (optics.flow_speed_um_s / optics.frame_rate_hz / self.pixel_um)
+        self.segmenter: Segmenter = SEGMENTERS.create(
+            c.segmenter, threshold=c.threshold_rad, opening_radius=c.opening_radius,
+            max_small_px=c.max_small_px, clear_border_edges=c.clear_border_edges)
+        self.gates = QualityGates(GateConfig(
+            min_area_um=c.min_area_um, max_area_um=c.max_area_um,
+            reject_channel_border=c.reject_channel_border, min_solidity=c.min_solidity,
+            max_peaks=c.max_peaks, max_eccentricity=c.max_eccentricity,
+            max_amp_std=c.max_amp_std))
+        self.tracker = Tracker(TrackConfig(
+            expected_dx_px=dx, gate_x_px=c.gate_x_px, gate_y_px=c.gate_y_px,
+            max_missed=c.max_missed, max_age_frames=c.max_age_frames, max_open=c.max_open,
+            frame_width=self.phase_shape[1]))
+        self.crops = CropExtractor(CropConfig(
+            size=c.crop_size, margin=c.crop_margin, with_amplitude=c.with_amplitude,
+            pixel_um=self.pixel_um, wavelength_um=optics.wavelength_um))
+        self.validator = FrameValidator(shape=tuple(optics.roi_shape),
+                                        saturated_fraction=c.saturated_fraction,
+                                        max_value=float(2**optics.bit_depth - 1))
+        self.reconstructor = reconstructor
+        if self.reconstructor is None and background is not None:
+            self.reconstructor = self._make_reconstructor(background)
+        self._next_cell = 0
+        self.stats: dict[str, Counter] = {
+            "frames": Counter(), "frames_rejected": Counter(), "cells_rejected": Counter(),
+            "detections": Counter(),
+        }
+        self.n_emitted = 0
+        self.stage_ns: Counter = Counter()
+
+    # ------------------------------------------------------------------ setup
+    def _make_reconstructor(self, background: Any) -> Any:
+        from acquisition.reconstruct import OffAxisConfig, Reconstructor
+
+        c = self.config
+        return Reconstructor(OffAxisConfig(mode=c.recon_mode, downsample=c.downsample,
+                                           backend=c.recon_backend), background=background)
+
+    def set_background(self, background: Any) -> None:
+        """(Re)calibrate the reconstruction with a new background hologram."""
+        self.reconstructor = self._make_reconstructor(background)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every parameter (for ``pipeline:`` metadata)."""
+        d: dict[str, Any] = {
+            "pipeline": self.config.to_dict(),
+            "segmenter": self.segmenter.ppid,
+            "gates": self.gates.config.to_dict(),
+            "tracker": self.tracker.config.to_dict(),
+            "crops": self.crops.config.to_dict(),
+            "pixel_um": self.pixel_um,
+            "optics": self.optics.to_dict(),
+        }
+        if self.reconstructor is not None:
+            try:
+                d["reconstruct"] = self.reconstructor.params
+            except Exception:  # noqa: BLE001 (metadata must not break the pipeline)
+                d["reconstruct"] = {}
+        return d
+
+    # ------------------------------------------------------------------ frames
+    def process(self, raw: RawFrame) -> FrameResult:
+        """Process one raw hologram frame (validated first; bad frames are counted).
+
+        Parameters
+        ----------
+        raw : RawFrame
+            Frame from a source.
+        """
+        reason = self.validator.check(raw.image)
+        if reason is not None:
+            self.stats["frames_rejected"][reason] += 1
+            return FrameResult(raw.index, {"t_acq": raw.t_acq_ns}, frame_reject=reason)
+        if self.reconstructor is None:
+            raise RuntimeError("no background hologram: call set_background() first")
+        t0 = time.monotonic_ns()
+        try:
+            fld = self.reconstructor.field(raw.image)
+        except ValueError:
+            self.stats["frames_rejected"]["reconstruct"] += 1
+            return FrameResult(raw.index, {"t_acq": raw.t_acq_ns}, frame_reject="reconstruct")
+        phase = np.angle(fld).astype(np.float32, copy=False)
+        amp = np.abs(fld).astype(np.float32, copy=False)
+        if not np.isfinite(phase).all():
+            self.stats["frames_rejected"]["non_finite"] += 1
+            return FrameResult(raw.index, {"t_acq": raw.t_acq_ns}, frame_reject="non_finite")
+        t1 = time.monotonic_ns()
+        self.stage_ns["recon"] += t1 - t0
+        return self.process_phase(raw.index, phase, amplitude=amp, t_acq_ns=raw.t_acq_ns,
+                                  truth=raw.truth, origin=raw.origin, _t_recon=t1)
+
+    def process_phase(self, index: int, phase: np.ndarray, *, amplitude: np.ndarray | None = None,
+                      t_acq_ns: int | None = None, truth: list | None = None,
+                      origin: Any = None, _t_recon: int | None = None) -> FrameResult:
+        """Process one reconstructed frame.
+
+        Parameters
+        ----------
+        index : int
+            Frame index (monotonic).
+        phase : numpy.ndarray
+            Background-corrected phase [rad] on the phase grid, wrapped or unwrapped.
+        amplitude : numpy.ndarray, optional
+            Background-normalised amplitude (focus gate).
+        t_acq_ns : int, optional
+            Acquisition time [monotonic ns] (default: now).
+        truth : list, optional
+            Simulator ground truth of this frame (``CellTruth`` objects).
+        origin : object, optional
+            The source's frame object, kept with emitted cells (scoring).
+        """
+        t_acq = time.monotonic_ns() if t_acq_ns is None else int(t_acq_ns)
+        t = {"t_acq": t_acq, "t_recon": _t_recon if _t_recon is not None else time.monotonic_ns()}
+        self.stats["frames"]["processed"] += 1
+        seg = self.segmenter.segment(phase)
+        dets = measure_objects(seg.labels, seg.n, phase, amplitude=amplitude, frame=index,
+                               pixel_um=self.pixel_um)
+        self.gates.apply(dets)
+        t["t_segment"] = time.monotonic_ns()
+        self.stage_ns["segment"] += t["t_segment"] - t["t_recon"]
+        for d in dets:
+            self.stats["detections"][d.reason or "accepted"] += 1
+
+        def on_candidate(d: Detection) -> _Payload:
+            cap = self.crops.capture(d, phase, seg.labels, amplitude, t_acq)
+            return _Payload(cap, self._match_truth(d, truth), origin)
+
+        finished = self.tracker.update(index, dets, on_candidate)
+        t["t_track"] = time.monotonic_ns()
+        self.stage_ns["track"] += t["t_track"] - t["t_segment"]
+        res = self._finish(index, finished, t)
+        res.n_detections = len(dets)
+        t["t_crop"] = time.monotonic_ns()
+        self.stage_ns["crop"] += t["t_crop"] - t["t_track"]
+        return res
+
+    def flush(self, index: int = -1) -> FrameResult:
+        """End every open track (end of stream) and return the resulting cells."""
+        t = {"t_acq": time.monotonic_ns()}
+        res = self._finish(index, self.tracker.flush(), t)
+        t["t_crop"] = time.monotonic_ns()
+        return res
+
+    def _finish(self, index: int, finished: list[FinishedTrack], t: dict) -> FrameResult:
+        res = FrameResult(index, t)
+        for ft in finished:
+            if ft.best is None:
+                reason = ft.reason or "partial"
+                self.stats["cells_rejected"][reason] += 1
+                res.rejected.append(RejectedCell(reason, ft))
+                continue
+            payload: _Payload = ft.best.payload
+            crop = self.crops.finalize(payload.capture)
+            if crop.unwrap_method == "failed":
+                self.stats["cells_rejected"]["unwrap"] += 1
+                res.rejected.append(RejectedCell("unwrap", ft))
+                continue
+            tid, label, kind = payload.truth if payload.truth else (-1, -1, "")
+            res.cells.append(EmittedCell(
+                cell_id=self._next_cell, crop=crop, frame=ft.best.det.frame,
+                t_acq_ns=payload.capture.t_acq_ns, truth_id=tid, label=label, kind=kind,
+                n_instances=ft.n_instances, origin=payload.origin))
+            self._next_cell += 1
+            self.n_emitted += 1
+        return res
+
+    def _match_truth(self, d: Detection, truth: list | None) -> tuple[int, int, str] | None:
+        if not truth:
+            return None
+        # nearest simulated object within the object's equivalent radius plus
+        # truth_match_px: coincident cells merged into one blob still trace to one of them
+        r_px = max(self.config.truth_match_px, 0.5 * d.diameter_um / self.pixel_um) + \
+            self.config.truth_match_px
+        best, best_d2 = None, r_px**2
+        for tr in truth:
+            d2 = (tr.y_px - d.cy) ** 2 + (tr.x_px - d.cx) ** 2
+            if d2 <= best_d2:
+                best, best_d2 = tr, d2
+        if best is None:
+            return None
+        return int(best.cell_id), int(best.label), str(best.kind)
+
+    # ------------------------------------------------------------------ accounting
+    def accounting(self) -> dict[str, Any]:
+        """Counts so far: frames, rejected frames and cells by reason, emitted cells."""
+        return {
+            "frames": int(self.stats["frames"]["processed"]),
+            "frames_rejected": dict(self.stats["frames_rejected"]),
+            "detections": int(sum(self.stats["detections"].values())),
+            "cells_emitted": int(self.n_emitted),
+            "cells_rejected": dict(self.stats["cells_rejected"]),
+            "tracks_open": int(self.tracker.n_open),
+            "unwrap": dict(self.crops.stats),
+        }
+
+
+class TruthScorer:
+    """Score a run against simulator ground truth (tests, benchmarks, validation).
+
+    A cell *fully crosses* the field of view when it is fully inside in at least one frame;
+    it is *resolvable* when in at least one of those frames no other object comes closer
+    than the sum of both radii plus ``isolation_px`` (coincident cells that touch in every
+    frame are physically inseparable; the gates reject them as doublets).
+
+    Parameters
+    ----------
+    pixel_um : float
+        Phase-grid pixel size [µm].
+    isolation_px : float
+        Extra clearance [px] between object outlines for "resolvable".
+    true_phase : callable, optional
+        ``true_phase(origin) -> (H, W) float32`` [rad]; enables the phase RMSE.
+    """
+
+    def __init__(self, pixel_um: float = 0.34, isolation_px: float = 4.0,
+                 true_phase: Any = None) -> None:
+        self.pixel_um = pixel_um
+        self.isolation_px = isolation_px
+        self.true_phase = true_phase
+        self.kind: dict[int, str] = {}
+        self.label: dict[int, int] = {}
+        self.full: set[int] = set()
+        self.resolvable: set[int] = set()
+        self.emitted: Counter = Counter()
+        self.unmatched = 0
+        self.n_cells = 0
+        self._sq_err = 0.0
+        self._n_px = 0
+        self.rmse_per_cell: list[float] = []
+
+    def observe_truth(self, truth: list) -> None:
+        """Record one frame's ground truth."""
+        rad = [0.5 * t.diameter_um / self.pixel_um for t in truth]
+        for i, t in enumerate(truth):
+            self.kind[t.cell_id] = t.kind
+            self.label[t.cell_id] = int(t.label)
+            if not t.fully_inside:
+                continue
+            self.full.add(t.cell_id)
+            clear = True
+            for j, o in enumerate(truth):
+                if j == i:
+                    continue
+                dist = ((t.y_px - o.y_px) ** 2 + (t.x_px - o.x_px) ** 2) ** 0.5
+                if dist < rad[i] + rad[j] + self.isolation_px:
+                    clear = False
+                    break
+            if clear:
+                self.resolvable.add(t.cell_id)
+
+    def observe_cells(self, cells: list[EmittedCell]) -> None:
+        """Record emitted cells (and their phase error when ``true_phase`` is set)."""
+        from acquisition.crops import window
+
+        for c in cells:
+            self.n_cells += 1
+            if c.truth_id < 0:
+                self.unmatched += 1
+            else:
+                self.emitted[c.truth_id] += 1
+            if self.true_phase is not None and c.origin is not None:
+                y0, x0, h, w = c.crop.bbox
+                tp, valid = window(self.true_phase(c.origin), y0, x0, h, w, 0.0)
+                m = c.crop.mask & valid
+                if m.any():
+                    err = (c.crop.phase[m].astype(np.float64) - tp[m]) ** 2
+                    self._sq_err += float(err.sum())
+                    self._n_px += int(m.sum())
+                    self.rmse_per_cell.append(float(np.sqrt(err.mean())))
+
+    def summary(self) -> dict[str, Any]:
+        """Yield (all objects and leukocytes only), duplicates, traceability, phase error."""
+        def frac(ids: set[int]) -> dict[str, Any]:
+            n = len(ids)
+            one = sum(1 for i in ids if self.emitted[i] == 1)
+            zero = sum(1 for i in ids if self.emitted[i] == 0)
+            return {"n": n, "exactly_one": one, "missed": zero,
+                    "multiple": n - one - zero,
+                    "yield_exactly_one": one / n if n else float("nan")}
+
+        dup = sum(v - 1 for v in self.emitted.values() if v > 1)
+        missed_kinds = Counter(self.kind[i] for i in self.resolvable if self.emitted[i] == 0)
+        leuko = {i for i, lab in self.label.items() if lab >= 0}
+        return {
+            "cells_emitted": self.n_cells,
+            "full_crossing": frac(self.full),
+            "resolvable": frac(self.resolvable),
+            "full_crossing_leukocytes": frac(self.full & leuko),
+            "resolvable_leukocytes": frac(self.resolvable & leuko),
+            "duplicates": dup,
+            "duplicate_rate": dup / self.n_cells if self.n_cells else 0.0,
+            "unmatched_emitted": self.unmatched,
+            "traceable_rate": 1 - self.unmatched / self.n_cells if self.n_cells else 1.0,
+            "phase_rmse_rad": float(np.sqrt(self._sq_err / self._n_px)) if self._n_px
+            else float("nan"),
+            "phase_rmse_p99_rad": float(np.percentile(self.rmse_per_cell, 99))
+            if self.rmse_per_cell else float("nan"),
+            "missed_resolvable_kinds": dict(missed_kinds),
+        }

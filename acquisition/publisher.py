@@ -1,0 +1,196 @@
+"""Publish cell crops (PUSH, never blocking) and acquisition accounting (to the collector).
+
+* :class:`CropPublisher` binds a PUSH socket (default ``tcp://127.0.0.1:5555``) with a small
+  send high-water mark and sends one wire-v1 ``crops`` message per frame that finished at
+  least one cell. Sends are non-blocking: when downstream is full the frame's crops are
+  dropped and counted (reason ``backpressure``); the camera loop never waits.
+* :class:`AccountingPublisher` connects a PUSH socket to the collector (default
+  ``tcp://127.0.0.1:5556``) and sends ``control`` messages: periodic ``accounting`` and a
+  final ``eos``, each with the full statistics, so every cell is accounted for: emitted,
+  dropped by reason, or rejected by reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from acquisition.features import FEATURE_NAMES
+from acquisition.pipeline import EmittedCell
+from leukoflow import transport, wire
+
+DEFAULT_CROPS_ENDPOINT = transport.DEFAULT_ENDPOINTS["crops"]
+DEFAULT_COLLECTOR_ENDPOINT = transport.DEFAULT_ENDPOINTS["collector"]
+
+
+def build_crops_message(sender: wire.Sender, frame: int, cells: Sequence[EmittedCell],
+                        t: Mapping[str, int], *, with_truth: bool, dtype: str = "<f4"
+                        ) -> wire.Message:
+    """Build the ``crops`` message of one frame (consumes one sequence number).
+
+    Parameters
+    ----------
+    sender : leukoflow.wire.Sender
+        Stamps run, sender and sequence number.
+    frame : int
+        Index of the frame in which these cells finished.
+    cells : sequence of EmittedCell
+        The cells (at least one).
+    t : mapping
+        Stage timestamps [monotonic ns] of this frame (``t_acq``, ``t_recon``,
+        ``t_segment``, ..., ``t_publish``).
+    with_truth : bool
+        Add ``labels``, ``kinds`` and ``truth_ids`` (simulated sources).
+    dtype : str
+        Payload dtype (``<f4`` or ``<f2``).
+    """
+    arr = np.stack([c.crop.phase for c in cells]).astype(dtype, copy=False)
+    feat: dict[str, list[float]] = {}
+    for name in FEATURE_NAMES:
+        vals = [float(c.crop.features.get(name, math.nan)) for c in cells]
+        if all(math.isfinite(v) for v in vals):  # the wire rejects NaN: omit the feature
+            feat[name] = vals
+    fields: dict[str, Any] = {
+        "frame": int(max(frame, 0)),
+        "ids": [int(c.cell_id) for c in cells],
+        "bbox": [[int(v) for v in c.crop.bbox] for c in cells],
+        "feat": feat,
+        "frames": [int(c.frame) for c in cells],
+        "t_acq": [int(c.t_acq_ns) for c in cells],
+    }
+    if with_truth:
+        fields["labels"] = [int(c.label) for c in cells]
+        fields["kinds"] = [str(c.kind) for c in cells]
+        fields["truth_ids"] = [int(c.truth_id) for c in cells]
+    return sender.message("crops", arr, t=dict(t), **fields)
+
+
+class CropPublisher:
+    """Non-blocking PUSH publisher of crop messages.
+
+    Parameters
+    ----------
+    ctx : zmq.Context
+        ZeroMQ context.
+    run : str
+        Run id.
+    endpoint : str
+        Bind address (loopback by default).
+    sndhwm : int
+        Send high-water mark [messages]; small, so backpressure shows within a few frames.
+    dtype : str
+        Crop payload dtype (``<f4`` or ``<f2``).
+    allow_remote : bool
+        Permit binding to a non-loopback address.
+    """
+
+    def __init__(self, ctx: Any, run: str, endpoint: str = DEFAULT_CROPS_ENDPOINT, *,
+                 sndhwm: int = 16, dtype: str = "<f4", allow_remote: bool = False) -> None:
+        self.sender = wire.Sender(run=run, role="acquire")
+        self.endpoint = endpoint
+        self.dtype = dtype
+        # IMMEDIATE: nothing queues until a worker is connected, so "nobody pulling" is a
+        # counted drop rather than a silent pile-up
+        self.sock = transport.make_socket(ctx, "PUSH", endpoint, bind=True, hwm=sndhwm,
+                                          allow_remote=allow_remote, immediate=True)
+        self.sent_cells = 0
+        self.sent_messages = 0
+        self.dropped: Counter = Counter()
+
+    def publish(self, frame: int, cells: Sequence[EmittedCell], t: Mapping[str, int], *,
+                with_truth: bool = False) -> bool:
+        """Send one frame's cells; return False (and count the drop) when downstream is full.
+
+        Parameters
+        ----------
+        frame : int
+            Frame index.
+        cells : sequence of EmittedCell
+            Cells finished in this frame (nothing is sent for an empty list).
+        t : mapping
+            Stage timestamps [monotonic ns]; ``t_publish`` is added here.
+        with_truth : bool
+            Include ground truth (simulated source).
+        """
+        if not cells:
+            return True
+        stamps = dict(t)
+        stamps["t_publish"] = wire.now_ns()
+        msg = build_crops_message(self.sender, frame, cells, stamps, with_truth=with_truth,
+                                  dtype=self.dtype)
+        if transport.send(self.sock, msg, block=False):
+            self.sent_cells += len(cells)
+            self.sent_messages += 1
+            return True
+        # not sent: give the sequence number back, so receivers see no gap for a drop that
+        # the accounting already reports (no double counting)
+        self.sender.seq -= 1
+        self.dropped["backpressure"] += len(cells)
+        return False
+
+    def close(self) -> None:
+        """Close the socket without waiting (LINGER 0)."""
+        self.sock.close(linger=0)
+
+
+class AccountingPublisher:
+    """PUSH ``control`` messages (accounting, eos) to the collector.
+
+    Parameters
+    ----------
+    ctx : zmq.Context
+        ZeroMQ context.
+    run : str
+        Run id.
+    endpoint : str
+        Collector PULL address (connect).
+    """
+
+    def __init__(self, ctx: Any, run: str, endpoint: str = DEFAULT_COLLECTOR_ENDPOINT) -> None:
+        self.sender = wire.Sender(run=run, role="acquire")
+        self.endpoint = endpoint
+        self.sock = transport.make_socket(ctx, "PUSH", endpoint, bind=False, hwm=64,
+                                          immediate=True)
+        self.sent = 0
+        self.failed = 0
+
+    def send(self, cmd: str, stats: Mapping[str, Any], *, timeout_ms: int = 0) -> bool:
+        """Send ``control`` ``cmd`` with ``stats``; wait up to ``timeout_ms`` if it is full.
+
+        Returns False (counted in :attr:`failed`) when the collector is not reachable.
+        """
+        import zmq
+
+        msg = self.sender.message("control", None, cmd=cmd, stats=_plain(stats))
+        if timeout_ms <= 0:
+            ok = transport.send(self.sock, msg, block=False)
+        else:
+            self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_ms))
+            ok = transport.send(self.sock, msg, block=True)
+            self.sock.setsockopt(zmq.SNDTIMEO, -1)
+        if ok:
+            self.sent += 1
+        else:
+            self.failed += 1
+        return ok
+
+    def close(self, linger_ms: int = 1000) -> None:
+        """Close, giving queued messages (the EOS) up to ``linger_ms`` to leave."""
+        self.sock.close(linger=linger_ms)
+
+
+def _plain(v: Any) -> Any:
+    """Convert counters/numpy scalars to plain msgpack-able values."""
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

@@ -1,0 +1,363 @@
+"""The acquisition service: source -> pipeline -> crop publisher, with metrics and health.
+
+Configuration comes from two dataclasses resolved with :func:`leukoflow.config.resolve`:
+:class:`AcquireConfig` (section ``acquire``: source, limits, endpoints, ports) and
+:class:`acquisition.pipeline.PipelineConfig` (section ``acquire_pipeline``: every
+segmentation, gating, tracking and crop parameter). Both are recorded in every accounting
+message and in :meth:`AcquireService.params`.
+
+The loop never blocks on downstream: crops are sent non-blocking and counted as dropped
+(``backpressure``) when the inference workers are full. Bad frames are rejected and
+counted; camera stalls (no frame for ``stall_intervals`` frame intervals) and dropouts
+(frame-index jumps) are counted; the service keeps running. SIGTERM/SIGINT stop it
+gracefully: open tracks are flushed and published, then an ``eos`` control message with the
+final accounting goes to the collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from acquisition.pipeline import AcquisitionPipeline, FrameResult, PipelineConfig
+from acquisition.sources import (
+    EndOfStream,
+    Source,
+    SourceError,
+    StallMonitor,
+    create_source,
+)
+from acquisition.sources.file import median_background
+from leukoflow import transport
+
+log = logging.getLogger("leukoflow.acquire")
+
+
+@dataclass(frozen=True)
+class AcquireConfig:
+    """Service parameters (section ``acquire``; env ``LEUKOFLOW_ACQUIRE_<KEY>``).
+
+    Attributes
+    ----------
+    source : str
+        Source spec: ``sim``, ``file:PATH``, ``camera:opencv:INDEX``, ``camera:genicam``.
+    seed : int
+        Simulator seed (``sim`` source).
+    frames : int
+        Stop after this many frames (0 = no limit).
+    duration_s : float
+        Stop after this many seconds [s] (0 = no limit).
+    rate_hz : float
+        Pace simulated/file frames at this rate [frames/s] (0 = as fast as possible).
+    crops_endpoint : str
+        PUSH bind address for crops.
+    collector_endpoint : str
+        Collector PULL address for accounting/EOS messages.
+    metrics_host : str
+        Bind address of /metrics, /healthz, /readyz (loopback by default).
+    metrics_port : int
+        Port of the health server (0 = pick a free one).
+    run_id : str
+        Run id ("" = generated).
+    sndhwm : int
+        Crop socket send high-water mark [messages].
+    dtype : str
+        Crop payload dtype (``<f4`` or ``<f2``).
+    accounting_interval_s : float
+        Interval of the periodic accounting message [s].
+    stall_intervals : float
+        Frame intervals without a frame that count as a camera stall.
+    bg_frames : int
+        Frames used for a median background when the source has none.
+    allow_remote : bool
+        Permit non-loopback binds (add CurveZMQ in such deployments).
+    """
+
+    source: str = "sim"
+    seed: int = 0
+    frames: int = 0
+    duration_s: float = 0.0
+    rate_hz: float = 0.0
+    crops_endpoint: str = transport.DEFAULT_ENDPOINTS["crops"]
+    collector_endpoint: str = transport.DEFAULT_ENDPOINTS["collector"]
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = transport.DEFAULT_METRICS_PORTS["acquire"]
+    run_id: str = ""
+    sndhwm: int = 16
+    dtype: str = "<f4"
+    accounting_interval_s: float = 1.0
+    stall_intervals: float = 50.0
+    bg_frames: int = 32
+    allow_remote: bool = False
+
+
+def new_run_id() -> str:
+    """Run id: UTC time plus a short random suffix."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+class AcquireService:
+    """One acquisition process.
+
+    Parameters
+    ----------
+    config : AcquireConfig
+        Service parameters.
+    pipeline_config : PipelineConfig
+        Pipeline parameters.
+    source : Source, optional
+        A ready source (default: built from ``config.source``).
+    """
+
+    def __init__(self, config: AcquireConfig | None = None,
+                 pipeline_config: PipelineConfig | None = None,
+                 source: Source | None = None) -> None:
+        self.config = config or AcquireConfig()
+        self.pipeline_config = pipeline_config or PipelineConfig()
+        self.run_id = self.config.run_id or new_run_id()
+        self._source = source
+        self._stop = threading.Event()
+        self.stop_reason = ""
+        self.stats: Counter = Counter()
+        self.health: Any = None
+        self.metrics: Any = None
+        self.pipeline: AcquisitionPipeline | None = None
+        self.final: dict[str, Any] = {}
+        self._last_index = 0
+        self._old_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ control
+    def stop(self, reason: str = "requested") -> None:
+        """Ask the loop to stop after the current frame (thread/signal safe)."""
+        if not self.stop_reason:
+            self.stop_reason = reason
+        self._stop.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, _frame: Any) -> None:
+            self.stop(signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _restore_signals(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers.clear()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every parameter of this run (service, pipeline, source)."""
+        d: dict[str, Any] = {"run": self.run_id, "acquire": asdict(self.config)}
+        if self.pipeline is not None:
+            d.update(self.pipeline.params)
+        if self._source is not None:
+            d["source"] = self._source.info
+        return d
+
+    # ------------------------------------------------------------------ accounting
+    def accounting(self) -> dict[str, Any]:
+        """Complete accounting so far (sent in ``accounting``/``eos`` control messages).
+
+        ``cells_total = cells_emitted + sum(cells_dropped) + sum(cells_rejected)``.
+        """
+        p = self.pipeline.accounting() if self.pipeline is not None else {}
+        pub = getattr(self, "publisher", None)
+        emitted = pub.sent_cells if pub is not None else 0
+        dropped = dict(pub.dropped) if pub is not None else {}
+        rejected = p.get("cells_rejected", {})
+        stall = getattr(self, "stall", None)
+        return {
+            "run": self.run_id,
+            "crops_sender": pub.sender.sender if pub is not None else "",
+            "crops_seq": pub.sender.seq if pub is not None else 0,
+            "crops_messages": pub.sent_messages if pub is not None else 0,
+            "frames": int(self.stats["frames"]),
+            "frames_processed": p.get("frames", 0),
+            "frames_rejected": p.get("frames_rejected", {}),
+            "frames_background": int(self.stats["frames_background"]),
+            "detections": p.get("detections", 0),
+            "cells_emitted": int(emitted),
+            "cells_dropped": dropped,
+            "cells_rejected": rejected,
+            "cells_total": int(emitted + sum(dropped.values()) + sum(rejected.values())),
+            "tracks_open": p.get("tracks_open", 0),
+            "camera": {
+                "stalls": stall.stalls if stall else 0,
+                "dropouts": stall.dropouts if stall else 0,
+                "frames_missing": stall.frames_missing if stall else 0,
+                "source_errors": int(self.stats["source_errors"]),
+            },
+            "stop_reason": self.stop_reason,
+        }
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        """Run until a limit, the end of the source, or a stop request; return the accounting."""
+        import zmq
+
+        from leukoflow.metrics import HealthServer, ServiceMetrics
+
+        cfg = self.config
+        self._install_signals()
+        self.metrics = m = ServiceMetrics("acquire", run_id=self.run_id)
+        self.health = HealthServer(m, host=cfg.metrics_host, port=cfg.metrics_port,
+                                   status=self.accounting)
+        ctx = zmq.Context()
+        self.publisher = None
+        self.control = None
+        t_start = time.monotonic()
+        try:
+            from acquisition.publisher import AccountingPublisher, CropPublisher
+
+            self.publisher = CropPublisher(ctx, self.run_id, cfg.crops_endpoint,
+                                           sndhwm=cfg.sndhwm, dtype=cfg.dtype,
+                                           allow_remote=cfg.allow_remote)
+            self.control = AccountingPublisher(ctx, self.run_id, cfg.collector_endpoint)
+            if self._source is None:
+                self._source = create_source(cfg.source, seed=cfg.seed, rate_hz=cfg.rate_hz)
+            src = self._source
+            src.open()
+            self.stall = StallMonitor(frame_interval_s=src.frame_interval_s or 0.002,
+                                      stall_intervals=cfg.stall_intervals)
+            self.pipeline = AcquisitionPipeline(self.pipeline_config)
+            bg = src.background
+            if bg is not None:
+                self.pipeline.set_background(bg)
+            else:
+                self._collect_background(src)
+            self.control.send("hello", {"run": self.run_id, "source": cfg.source,
+                                        "crops_sender": self.publisher.sender.sender,
+                                        "crops_endpoint": cfg.crops_endpoint})
+            self.health.set_ready(True)
+            log.info("acquire ready: run %s, source %s", self.run_id, cfg.source)
+            self._loop(src, t_start)
+        finally:
+            self._shutdown()
+            ctx.term()
+            self._restore_signals()
+        return self.final
+
+    def _collect_background(self, src: Source) -> None:
+        frames = []
+        deadline = time.monotonic() + 30.0
+        while len(frames) < self.config.bg_frames and not self._stop.is_set():
+            self.health.tick()
+            if time.monotonic() > deadline:
+                raise SourceError("no frames for the background estimate within 30 s")
+            raw = src.read(timeout_s=0.5)
+            if raw is None or self.pipeline.validator.check(raw.image) is not None:
+                continue
+            frames.append(raw.image)
+            self.stats["frames_background"] += 1
+        if frames:
+            self.pipeline.set_background(median_background(frames))
+
+    def _loop(self, src: Source, t_start: float) -> None:
+        cfg = self.config
+        m = self.metrics
+        next_acct = time.monotonic() + cfg.accounting_interval_s
+        while not self._stop.is_set():
+            self.health.tick()
+            now = time.monotonic()
+            if cfg.frames and self.stats["frames"] >= cfg.frames:
+                self.stop("frames")
+                break
+            if cfg.duration_s and now - t_start >= cfg.duration_s:
+                self.stop("duration")
+                break
+            if now >= next_acct:
+                self.control.send("accounting", self.accounting())
+                next_acct = now + cfg.accounting_interval_s
+            try:
+                raw = src.read(timeout_s=0.1)
+            except EndOfStream:
+                self.stop("end_of_stream")
+                break
+            except SourceError as exc:
+                self.stats["source_errors"] += 1
+                log.warning("source error: %s", exc)
+                time.sleep(0.1)
+                continue
+            if raw is None:
+                if self.stall.idle():
+                    m["leukoflow_camera_stalls_total"].inc()
+                    log.warning("camera stall: no frame for %.2f s", self.stall.timeout_s)
+                m["leukoflow_camera_frame_age_seconds"].set(self.stall.age_s())
+                continue
+            self._last_index = max(self._last_index, int(raw.index))
+            missing = self.stall.frame(raw.index)
+            if missing:
+                m["leukoflow_camera_stalls_total"].inc()
+                log.warning("camera dropout: %d frames missing before %d", missing, raw.index)
+            self.stats["frames"] += 1
+            m["leukoflow_frames_total"].inc()
+            res = self.pipeline.process(raw)
+            self._account_frame(res, src)
+
+    def _account_frame(self, res: FrameResult, src: Source) -> None:
+        m = self.metrics
+        if res.frame_reject is not None:
+            m["leukoflow_frames_rejected_total"].labels(res.frame_reject).inc()
+            return
+        t = res.t
+        hist = m["leukoflow_stage_duration_seconds"]
+        for stage, a, b in (("reconstruct", "t_acq", "t_recon"),
+                            ("segment", "t_recon", "t_segment"),
+                            ("track", "t_segment", "t_track"), ("crop", "t_track", "t_crop")):
+            if a in t and b in t:
+                hist.labels(stage).observe(max(t[b] - t[a], 0) / 1e9)
+        m["leukoflow_cells_detected_total"].inc(res.n_detections)
+        for rc in res.rejected:
+            m["leukoflow_cells_rejected_total"].labels(rc.reason).inc()
+        self._publish(res, src)
+        m["leukoflow_tracks_active"].set(self.pipeline.tracker.n_open)
+        m["leukoflow_camera_frame_age_seconds"].set(self.stall.age_s())
+
+    def _publish(self, res: FrameResult, src: Source) -> None:
+        if not res.cells:
+            return
+        m = self.metrics
+        t0 = time.monotonic_ns()
+        ok = self.publisher.publish(res.index, res.cells, res.t, with_truth=src.has_truth)
+        m["leukoflow_stage_duration_seconds"].labels("publish").observe(
+            (time.monotonic_ns() - t0) / 1e9)
+        if ok:
+            m["leukoflow_cells_emitted_total"].inc(len(res.cells))
+        else:
+            m["leukoflow_dropped_total"].labels("acquire", "backpressure").inc(len(res.cells))
+
+    def _shutdown(self) -> None:
+        try:
+            if self.health is not None:
+                self.health.set_ready(False)
+            if self.pipeline is not None and self.publisher is not None:
+                res = self.pipeline.flush(self._last_index)
+                if self._source is not None:
+                    self._account_frame(res, self._source)
+            self.final = self.accounting()
+            if self.control is not None:
+                ok = self.control.send("eos", self.final, timeout_ms=2000)
+                self.final["eos_sent"] = ok
+                log.info("acquire stopped (%s); eos sent: %s", self.stop_reason, ok)
+        finally:
+            for closer in (getattr(self._source, "close", None),
+                           getattr(self.publisher, "close", None)):
+                if closer is not None:
+                    try:
+                        closer()
+                    except Exception as exc:  # noqa: BLE001
+                        log.warning("close failed: %s", exc)
+            if self.control is not None:
+                self.control.close(linger_ms=1000)
+            if self.health is not None:
+                self.health.close()

@@ -1,0 +1,256 @@
+"""Camera-source base class, frame record, source-spec parsing and frame health checks."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from leukoflow.registry import Registry
+
+SOURCES: Registry = Registry("camera source")
+
+#: Reasons a frame is rejected before reconstruction.
+FRAME_REJECT_REASONS: tuple[str, ...] = (
+    "wrong_size", "wrong_dtype", "non_finite", "all_zero", "saturated", "constant",
+)
+
+
+class SourceError(RuntimeError):
+    """A source cannot be opened or read (clear message for the operator)."""
+
+
+class EndOfStream(Exception):  # noqa: N818 (a signal, not an error)
+    """The source has no more frames."""
+
+
+@dataclass
+class RawFrame:
+    """One camera frame as delivered by a source.
+
+    Attributes
+    ----------
+    index : int
+        Frame counter of the source (gaps mean dropped frames).
+    t_s : float
+        Source timestamp [s] (camera clock or simulated time).
+    t_acq_ns : int
+        Monotonic receive time [ns] (``time.monotonic_ns``).
+    image : numpy.ndarray
+        The raw hologram (rows × cols), usually uint8.
+    truth : list or None
+        Ground truth of simulated frames (``acquisition.sim`` ``CellTruth`` objects).
+    origin : object, optional
+        The source's own frame object (the simulator's ``Frame``, for ``true_phase``).
+    """
+
+    index: int
+    t_s: float
+    t_acq_ns: int
+    image: np.ndarray
+    truth: list | None = None
+    origin: Any = None
+
+
+class Source:
+    """Base class of camera sources.
+
+    Subclasses implement :meth:`read` (and usually :meth:`open`/:meth:`close`). A source
+    that knows its background hologram exposes it as :attr:`background`; simulated
+    sources set :attr:`has_truth`.
+    """
+
+    registry_name: str = "base"
+    has_truth: bool = False
+    #: nominal frame interval [s] (None = unknown; stall detection then uses its default)
+    frame_interval_s: float | None = None
+
+    def open(self) -> None:  # noqa: B027 (optional hook)
+        """Acquire the device / file."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release the device / file."""
+
+    @property
+    def background(self) -> np.ndarray | None:
+        """Background hologram (no cells), if the source has one."""
+        return None
+
+    def read(self, timeout_s: float = 1.0) -> RawFrame | None:
+        """Next frame, or None when none arrived within ``timeout_s``.
+
+        Raises
+        ------
+        EndOfStream
+            When a finite source is exhausted.
+        SourceError
+            When the device failed irrecoverably.
+        """
+        raise NotImplementedError
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Parameters of this source (recorded with the data)."""
+        return {"source": self.registry_name}
+
+    def __enter__(self) -> Source:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def parse_source_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``sim``, ``sim:SEED``, ``file:PATH``, ``camera:opencv:0`` or ``camera:genicam[:CTI]``.
+
+    Returns
+    -------
+    name : str
+        Registry name of the source.
+    kwargs : dict
+        Constructor keyword arguments.
+    """
+    if not spec:
+        raise SourceError("empty source spec; use sim, file:PATH or camera:opencv:INDEX")
+    kind, _, rest = spec.partition(":")
+    if kind == "sim":
+        return "sim", ({"seed": int(rest)} if rest else {})
+    if kind == "file":
+        if not rest:
+            raise SourceError("file source needs a path: file:PATH")
+        return "file", {"path": rest}
+    if kind == "camera":
+        backend, _, dev = rest.partition(":")
+        if backend == "opencv":
+            return "opencv", {"device": dev or "0"}
+        if backend == "genicam":
+            return "genicam", ({"cti": dev} if dev else {})
+        raise SourceError(f"unknown camera backend {backend!r}; use camera:opencv:INDEX or "
+                          "camera:genicam[:CTI_FILE]")
+    raise SourceError(f"unknown source spec {spec!r}; use sim, file:PATH or camera:...")
+
+
+def create_source(spec: str, **overrides: Any) -> Source:
+    """Instantiate the source named by ``spec`` (see :func:`parse_source_spec`).
+
+    ``overrides`` are merged into the parsed arguments when the source accepts them (e.g.
+    ``seed`` for the simulator).
+    """
+    name, kwargs = parse_source_spec(spec)
+    cls = SOURCES.get(name)
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    for k, v in overrides.items():
+        if v is not None and k in params and k not in kwargs:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+@dataclass
+class FrameValidator:
+    """Reject frames that cannot be reconstructed, counting each reason.
+
+    Parameters
+    ----------
+    shape : tuple[int, int]
+        Expected frame shape (rows, cols) [px].
+    saturated_fraction : float
+        Reject when more than this fraction of pixels sit at the maximum value.
+    max_value : float
+        Saturation level (255 for 8-bit cameras).
+    """
+
+    shape: tuple[int, int] = (320, 1024)
+    saturated_fraction: float = 0.05
+    max_value: float = 255.0
+    counts: Counter = field(default_factory=Counter)
+
+    def check(self, image: Any) -> str | None:
+        """Reason the frame is unusable, or None (counted either way)."""
+        reason = self._reason(image)
+        self.counts[reason or "accepted"] += 1
+        return reason
+
+    def _reason(self, image: Any) -> str | None:
+        if not isinstance(image, np.ndarray) or image.ndim != 2:
+            return "wrong_size"
+        if tuple(image.shape) != tuple(self.shape):
+            return "wrong_size"
+        if image.dtype.kind not in "uif":
+            return "wrong_dtype"
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            return "non_finite"
+        hi = image.max()
+        if hi == 0:
+            return "all_zero"
+        if hi >= self.max_value and (
+                np.count_nonzero(image >= self.max_value) > self.saturated_fraction * image.size):
+            return "saturated"
+        if image.min() == hi:
+            return "constant"
+        return None
+
+
+@dataclass
+class StallMonitor:
+    """Detect camera stalls (no frame for too long) and dropouts (frame-index jumps).
+
+    Parameters
+    ----------
+    frame_interval_s : float
+        Nominal frame interval [s].
+    stall_intervals : float
+        A stall is declared after this many frame intervals without a frame (at least
+        ``min_stall_s``).
+    min_stall_s : float
+        Lower bound of the stall timeout [s] (scheduling jitter on a busy host).
+    """
+
+    frame_interval_s: float = 0.002
+    stall_intervals: float = 50.0
+    min_stall_s: float = 0.5
+    stalls: int = 0
+    dropouts: int = 0
+    frames_missing: int = 0
+    _last_index: int | None = None
+    _last_t: float = field(default_factory=time.monotonic)
+    _stalled: bool = False
+
+    @property
+    def timeout_s(self) -> float:
+        """Seconds without a frame that count as a stall."""
+        return max(self.frame_interval_s * self.stall_intervals, self.min_stall_s)
+
+    def frame(self, index: int, now: float | None = None) -> int:
+        """Record a frame; return how many frames were skipped just before it."""
+        now = time.monotonic() if now is None else now
+        self._last_t = now
+        self._stalled = False
+        missing = 0
+        if self._last_index is not None:
+            gap = index - self._last_index - 1
+            if gap > 0:
+                missing = gap
+                self.dropouts += 1
+                self.frames_missing += gap
+        self._last_index = index
+        return missing
+
+    def idle(self, now: float | None = None) -> bool:
+        """Call when no frame arrived; return True once per stall when it begins."""
+        now = time.monotonic() if now is None else now
+        if not self._stalled and now - self._last_t > self.timeout_s:
+            self._stalled = True
+            self.stalls += 1
+            return True
+        return False
+
+    def age_s(self, now: float | None = None) -> float:
+        """Age of the newest frame [s]."""
+        now = time.monotonic() if now is None else now
+        return now - self._last_t
