@@ -132,9 +132,14 @@ class CropPublisher:
         self.dropped["backpressure"] += len(cells)
         return False
 
-    def close(self) -> None:
-        """Close the socket without waiting (LINGER 0)."""
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 2000) -> None:
+        """Close, giving crops already queued (counted as sent) up to ``linger_ms`` to leave.
+
+        Without a linger the crops still in the socket's queue at stop would be discarded
+        after the accounting reported them as emitted (they would show up as ``lost``);
+        the bound keeps a stop from hanging when the workers are gone.
+        """
+        self.sock.close(linger=linger_ms)
 
 
 class AccountingPublisher:
