@@ -439,14 +439,21 @@ class RunState:
         n = int(self.truth.sum())
         if n == 0 and self.truth_ood == 0:
             return None
-        snap = self.diff.snapshot()["classes"]
+        full = self.diff.snapshot()
+        snap = full["classes"]
+        est = full["estimate"]["classes"]
         out = {}
+
+        def pp(live: float | None, frac: float | None) -> float | None:
+            return 100.0 * (live - frac) if live is not None and frac is not None else None
+
         for i, name in enumerate(self.classes):
             frac = float(self.truth[i] / n) if n else None
-            live = snap[name]["fraction"]
+            # error of the reported (prior-shift corrected) differential, and of the plain
+            # fraction of counted cells beside it
             out[name] = {"count": int(self.truth[i]), "fraction": frac,
-                         "error_pp": (100.0 * (live - frac)) if (live is not None
-                                                                 and frac is not None) else None}
+                         "error_pp": pp(est[name]["fraction"], frac),
+                         "counted_error_pp": pp(snap[name]["fraction"], frac)}
         return {"classes": out, "labelled": n, "ood_objects": self.truth_ood}
 
     def rate(self) -> float:
@@ -462,7 +469,7 @@ class RunState:
     def snapshot(self, final: bool = False) -> dict[str, Any]:
         """JSON-ready live state (also the run summary when ``final``)."""
         acc = self.accounting(final=final)
-        diff = self.diff.snapshot()
+        diff = self.diff.snapshot(exact=final)
         span = ((self.t_last_ns - self.t_first_ns) / 1e9
                 if self.t_first_ns is not None and self.t_last_ns is not None else 0.0)
         return {

@@ -162,13 +162,15 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
     truth = (state.get("truth") or {}).get("classes", {})
     t = Table(title=f"leukoflow run {state.get('run', '')} — differential "
                     f"({diff.get('counted', 0)} counted cells)", expand=False)
-    for col in ("class", "count", "fraction", "95 % interval"):
+    est = (diff.get("estimate") or {}).get("classes", {})
+    for col in ("class", "differential", "95 % interval", "count", "counted %"):
         t.add_column(col, justify="right")
     if truth:
         t.add_column("truth", justify="right")
     for name, c in diff.get("classes", {}).items():
-        row = [name, str(c["count"]), _pct(c["fraction"]),
-               f"{_pct(c['lower'])} – {_pct(c['upper'])}"]
+        e = est.get(name, {"fraction": None, "lower": 0.0, "upper": 1.0})
+        row = [name, _pct(e["fraction"]), f"{_pct(e['lower'])} – {_pct(e['upper'])}",
+               str(c["count"]), _pct(c["fraction"])]
         if truth:
             row.append(_pct(truth.get(name, {}).get("fraction")))
         t.add_row(*row)

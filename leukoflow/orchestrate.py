@@ -583,8 +583,13 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "run_dir": summary.get("run_dir"),
         "report": summary.get("report"),
         "counts": {n: c["count"] for n, c in diff.get("classes", {}).items()},
-        "differential": {n: {"fraction": c["fraction"], "lower": c["lower"],
-                             "upper": c["upper"]} for n, c in diff.get("classes", {}).items()},
+        "differential": {n: {"fraction": e["fraction"], "lower": e["lower"],
+                             "upper": e["upper"]}
+                         for n, e in (diff.get("estimate") or {}).get("classes", {}).items()},
+        "differential_method": (diff.get("estimate") or {}).get("method"),
+        "counted_fraction": {n: {"fraction": c["fraction"], "lower": c["lower"],
+                                 "upper": c["upper"]}
+                             for n, c in diff.get("classes", {}).items()},
         "decisions": {k: acc.get(k, 0) for k in ("counted", "uncertain", "ood")},
         "accounting": acc,
         "throughput": summary.get("throughput", {}),

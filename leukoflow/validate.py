@@ -120,14 +120,24 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, decisions: Seque
     all_counted = dec == "counted"
     n_cnt = int(all_counted.sum())
     n_true = int(idd.sum())
+    # the reported differential: prior-shift corrected estimate over in-distribution cells
+    from inference.differential import em_prior_shift
+
+    in_dist = dec != "ood"
+    est = em_prior_shift(probs[in_dist]) if in_dist.any() else np.full(k, np.nan)
+
+    def pp(a: float | None, b: float | None) -> float | None:
+        return 100.0 * (a - b) if a is not None and b is not None else None
+
     diff = {}
     for i, name in enumerate(classes):
         live = float((pred[all_counted] == i).sum() / n_cnt) if n_cnt else None
         true = float((labels[idd] == i).sum() / n_true) if n_true else None
-        diff[name] = {"live": live, "true": true,
-                      "error_pp": 100.0 * (live - true) if live is not None and true is not None
-                      else None}
+        e = float(est[i]) if in_dist.any() else None
+        diff[name] = {"estimate": e, "live": live, "true": true, "error_pp": pp(e, true),
+                      "counted_error_pp": pp(live, true)}
     out["differential"] = {"classes": diff, "counted": n_cnt,
+                           "method": "EM prior-shift correction (Saerens 2002)",
                            "max_abs_error_pp": max((abs(v["error_pp"]) for v in diff.values()
                                                     if v["error_pp"] is not None), default=None)}
     # calibration on labelled in-distribution cells

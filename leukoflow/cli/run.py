@@ -25,7 +25,7 @@ def _print_summary(s: dict) -> None:
                f"{acc.get('dropped_total', 0)} "
                f"({'balanced' if acc.get('balanced') else 'NOT balanced'})")
     for name, c in s.get("differential", {}).items():
-        if c["fraction"] is not None:
+        if c.get("fraction") is not None:
             typer.echo(f"  {name:11s} {100 * c['fraction']:5.1f} %  "
                        f"[{100 * c['lower']:5.1f}, {100 * c['upper']:5.1f}]")
     thr = s.get("throughput", {})
