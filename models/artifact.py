@@ -394,6 +394,7 @@ def save_artifact(path: str | Path, model, card: Mapping[str, Any],
     full["model_sha256"] = tensors_sha256(model_state)
     tmp_c = folder / (CARD_FILE + ".tmp")
     tmp_c.write_text(json.dumps(to_jsonable(full), indent=2, allow_nan=False) + "\n")
+    tmp_w.chmod(0o644)
     tmp_w.replace(folder / WEIGHTS_FILE)
     tmp_c.replace(folder / CARD_FILE)
     return folder
@@ -460,7 +461,25 @@ def load_artifact(path_or_name: str | Path, verify: bool = True) -> Artifact:
 
 
 def list_artifacts() -> list[str]:
-    """Names of the shipped artifacts in :data:`ARTIFACTS_DIR`."""
+    """Names of the loadable shipped artifacts in :data:`ARTIFACTS_DIR` (card and weights;
+    result-only folders such as ``lenet5-pbc`` hold a card without weights)."""
     if not ARTIFACTS_DIR.is_dir():
         return []
-    return sorted(d.name for d in ARTIFACTS_DIR.iterdir() if (d / CARD_FILE).is_file())
+    return sorted(d.name for d in ARTIFACTS_DIR.iterdir()
+                  if (d / CARD_FILE).is_file() and (d / WEIGHTS_FILE).is_file())
+
+
+def update_card(path_or_name: str | Path, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into an artifact's card (top-level keys) without touching weights.
+
+    The weights file hash is kept and checked, so this cannot hide a corrupt file.
+    """
+    folder = resolve_artifact_path(path_or_name)
+    card = read_card(folder)
+    card.update(to_jsonable(dict(updates)))
+    card["format_version"] = FORMAT_VERSION
+    _validate_card(card, folder)
+    tmp = folder / (CARD_FILE + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+    tmp.replace(folder / CARD_FILE)
+    return card

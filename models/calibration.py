@@ -1,0 +1,221 @@
+"""Temperature scaling and calibration metrics.
+
+Conventions (see ../shared/notes/xai-calibration-ood.md section 4):
+
+* **ECE**: top-label, ``n_bins = 15`` equal-width confidence bins ``(lower, upper]``,
+  ECE = sum_b (n_b / n) |acc_b - conf_b| (Guo et al. 2017). Reported as a fraction (x100 = %).
+* **adaptive ECE**: the same with equal-mass bins (Nixon et al. 2019), 15 bins.
+* **MCE**: max_b |acc_b - conf_b| over bins with at least ``min_bin_count`` samples.
+* **NLL**: -mean log p_y (p clamped at 1e-12), nats. **Brier**: (1/n) sum_i sum_k
+  (p_ik - onehot_ik)^2, range [0, 2] (not divided by K).
+* Temperature: one scalar T > 0, p = softmax(z / T), fitted by minimising the validation
+  NLL over log T in [log 0.05, log 20] with a bounded scalar search (float64). Accuracy does
+  not change. For Monte-Carlo models pass log of the averaged predictive as the logits.
+* Intervals: percentile bootstrap over cells (default 1000 resamples, fixed seed), 95 %.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+N_BINS = 15
+T_BOUNDS = (0.05, 20.0)
+
+
+def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax of ``logits / temperature`` (float64, numerically stable)."""
+    return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature, axis=1))
+
+
+def nll_of(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood (nats) of ``softmax(logits / T)``."""
+    lp = log_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+    return float(-np.mean(np.maximum(lp[np.arange(len(labels)), labels], math.log(1e-12))))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray,
+                    bounds: tuple[float, float] = T_BOUNDS) -> float:
+    """Fit one temperature T by minimising the NLL on (validation) logits.
+
+    Parameters
+    ----------
+    logits : np.ndarray
+        ``(N, K)`` raw logits (or log of the mean MC predictive).
+    labels : np.ndarray
+        ``(N,)`` true class indices 0..K-1.
+    bounds : tuple of float
+        Search interval for T; the search runs on log T (bounded Brent, float64).
+
+    Returns
+    -------
+    float
+        The temperature (within ``bounds``).
+    """
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.int64)
+    if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
+        raise ValueError(f"need logits (N,K) and labels (N,), got {z.shape} and {y.shape}")
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError("labels must be in 0..K-1 (in-distribution cells only)")
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    res = minimize_scalar(lambda lt: nll_of(z, y, math.exp(lt)), bounds=(lo, hi),
+                          method="bounded", options={"xatol": 1e-6, "maxiter": 500})
+    return float(math.exp(res.x))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _bin_stats(conf: np.ndarray, correct: np.ndarray, edges: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-bin count, mean confidence, accuracy for bins (edges[i], edges[i+1]]."""
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, len(edges) - 2)
+    nb = len(edges) - 1
+    count = np.bincount(idx, minlength=nb).astype(np.float64)
+    sconf = np.bincount(idx, weights=conf, minlength=nb)
+    sacc = np.bincount(idx, weights=correct.astype(np.float64), minlength=nb)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return count, sconf / count, sacc / count
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Top-label expected calibration error, equal-width bins (fraction, not %)."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    count, mc, ma = _bin_stats(conf, correct, np.linspace(0.0, 1.0, n_bins + 1))
+    ok = count > 0
+    return float(np.sum(count[ok] / count.sum() * np.abs(ma[ok] - mc[ok])))
+
+
+def adaptive_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Top-label ECE with equal-mass bins (Nixon et al. 2019)."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for chunk in np.array_split(order, min(n_bins, len(order))):
+        if chunk.size:
+            total += chunk.size * abs(correct[chunk].mean() - conf[chunk].mean())
+    return float(total / len(conf))
+
+
+def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS,
+        min_bin_count: int = 10) -> float:
+    """Maximum calibration error over equal-width bins with >= ``min_bin_count`` cells."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    count, mc, ma = _bin_stats(conf, correct, np.linspace(0.0, 1.0, n_bins + 1))
+    ok = count >= min_bin_count
+    return float(np.max(np.abs(ma[ok] - mc[ok]))) if ok.any() else float("nan")
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood (nats), p clamped at 1e-12."""
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))))
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score in [0, 2] (sum over classes, mean over cells)."""
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of cells whose arg-max class is the label."""
+    return float(np.mean(probs.argmax(1) == labels))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy, "ece": ece, "adaptive_ece": adaptive_ece, "mce": mce,
+    "nll": nll, "brier": brier,
+}
+"""Calibration metric name -> function(probs (N,K), labels (N,)) -> float."""
+
+
+def bootstrap_ci(fn: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``fn(*arrays)`` resampling rows with replacement."""
+    n = len(arrays[0])
+    rng = np.random.default_rng(seed)
+    vals = np.empty(n_boot)
+    for b in range(n_boot):
+        i = rng.integers(0, n, n)
+        vals[b] = fn(*(a[i] for a in arrays))
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return (float("nan"), float("nan"))
+    q = (1.0 - level) / 2.0
+    return float(np.quantile(vals, q)), float(np.quantile(vals, 1.0 - q))
+
+
+def calibration_report(probs: np.ndarray, labels: np.ndarray, n_boot: int = 1000,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """All :data:`METRICS` with 95 % bootstrap intervals.
+
+    Returns
+    -------
+    dict
+        ``{metric: {"value": v, "ci95": [lo, hi]}}``; ECE-type values are fractions.
+    """
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels, np.int64)
+    out = {}
+    for name, fn in METRICS.items():
+        out[name] = {"value": fn(probs, labels),
+                     "ci95": list(bootstrap_ci(fn, probs, labels, n_boot=n_boot, seed=seed))}
+    out["n"] = {"value": float(len(labels)), "ci95": [float(len(labels))] * 2}
+    return out
+
+
+def reliability_diagram(probs: np.ndarray, labels: np.ndarray, path: str | Path,
+                        title: str = "", n_bins: int = N_BINS,
+                        probs_before: np.ndarray | None = None) -> Path:
+    """Save a reliability diagram (accuracy vs confidence per bin, with counts) as PNG.
+
+    Parameters
+    ----------
+    probs, labels : np.ndarray
+        Calibrated probabilities ``(N, K)`` and labels.
+    path : str or Path
+        Output PNG path.
+    probs_before : np.ndarray, optional
+        Uncalibrated probabilities, drawn as a second curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect")
+    series = [("after T", probs, "C0")]
+    if probs_before is not None:
+        series.insert(0, ("before T", probs_before, "C3"))
+    for label, p, col in series:
+        count, mc, ma = _bin_stats(p.max(1), p.argmax(1) == labels, edges)
+        ok = count > 0
+        ax.plot(mc[ok], ma[ok], "o-", color=col,
+                label=f"{label} (ECE {100 * ece(p, labels, n_bins):.2f} %)")
+        axc.bar(centers, count, width=1.0 / n_bins, alpha=0.5, color=col, label=label)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or f"reliability ({n_bins} equal-width bins, top label)")
+    ax.legend(loc="upper left", fontsize=8)
+    axc.set_yscale("log")
+    axc.set_xlabel("confidence (max calibrated probability)")
+    axc.set_ylabel("cells per bin")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

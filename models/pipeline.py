@@ -1,0 +1,270 @@
+"""Train -> calibrate -> fit OOD detectors -> evaluate -> write an artifact, in one call.
+
+This is what ``leukoflow train`` runs. Data use is strict:
+
+* training split: weights, feature statistics of the OOD detectors (ID cells only);
+* validation split (ID only): early stopping, temperature, OOD thresholds (split-conformal,
+  >= 95 % of ID validation cells pass);
+* test split and OOD objects: only reported, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.artifact import save_artifact, to_jsonable
+from models.calibration import calibration_report, fit_temperature, reliability_diagram, softmax_t
+from models.data import Splits, load_splits
+from models.evaluate import full_report
+from models.ood import DETECTORS
+from models.train import TrainConfig, normalise, predict, train_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DETECTORS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "rmds", "knn")
+
+
+def model_card_text(name: str, arch: str, splits: Splits) -> dict[str, str]:
+    """The human part of a card: intended use, data, limitations."""
+    sim = splits.source.get("generator") == "acquisition.sim.make_crop_dataset"
+    if sim:
+        data = ("Simulated off-axis QPI phase crops (64 x 64 px at "
+                f"{splits.pixel_size_um} µm/px, rad) of the four leukocyte classes, rendered "
+                "through the hologram + reconstruction path of acquisition.sim; test cells and "
+                "OOD objects from an independent simulator seed.")
+        use = ("Default classifier of the leukoflow live pipeline on the simulated instrument; "
+               "demonstration and integration testing. Not for clinical use.")
+        lim = ("Trained on simulated cells only: performance on real instruments is unknown "
+               "until validated on labeled recordings (retrain with leukoflow train DATA.rtdc). "
+               "Calibration holds for the simulated class mix (balanced); refit T and "
+               "thresholds after any change of instrument, model or class prior.")
+    else:
+        data = (f"{splits.source.get('path', 'dataset')} ({splits.unit}); "
+                f"train/val/test {len(splits.train)}/{len(splits.val)}/{len(splits.test)}.")
+        use = ("Evidence that the training / calibration / OOD pipeline works on real cells "
+               "(PBC: stained brightfield, grayscale). Not a QPI model; not for clinical use.")
+        lim = ("Stained brightfield intensities, not phase: the normalisation is in "
+               "intensity/255 units and pixel size is unknown, so the model cannot be used on "
+               "QPI crops. Single centre, healthy donors, image-level splits.")
+    return {"intended_use": use, "data": data, "limitations": lim,
+            "architecture": arch, "name": name}
+
+
+def _detectors(names, z_tr, f_tr, y_tr, z_va, f_va, temperature, model, alpha,
+               detector_params=None):
+    dets = {}
+    for name in names:
+        kw = dict((detector_params or {}).get(name, {}))
+        if name == "msp":
+            kw["temperature"] = temperature
+        det = DETECTORS.create(name, **kw)
+        det.fit(z_tr, f_tr, y_tr, temperature=temperature, model=model)
+        det.fit_threshold(det.score(z_va, f_va), alpha)
+        dets[name] = det
+    return dets
+
+
+def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lenet5",
+                   arch_kwargs: dict[str, Any] | None = None, cfg: TrainConfig | None = None,
+                   ood_detector: str = "knn", detectors: tuple[str, ...] = DEFAULT_DETECTORS,
+                   alpha: float = 0.05, confidence_threshold: float = 0.8,
+                   data_seed: int = 0, n_boot: int = 1000, command: str | None = None,
+                   name: str | None = None, progress: bool = True,
+                   ship_weights: bool = True,
+                   detector_params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train, calibrate, fit OOD, evaluate and save an artifact; returns the card.
+
+    Parameters
+    ----------
+    data : str, Path or Splits
+        Dataset spec for :func:`models.data.load_splits` (or already loaded splits).
+    out : str or Path
+        Artifact folder to write.
+    arch, arch_kwargs : str, dict
+        Architecture name (``models.architectures.ARCHITECTURES``) and kwargs.
+    cfg : TrainConfig
+        Training hyper-parameters.
+    ood_detector : str
+        Detector stored in the card (chosen a priori, never on test data); all ``detectors``
+        are fitted and reported.
+    alpha : float
+        Fraction of ID validation cells allowed above the OOD threshold.
+    confidence_threshold : float
+        Calibrated max probability below which a cell is 'uncertain'.
+    data_seed : int
+        Seed of the data split / simulator.
+    command : str, optional
+        Command line recorded in the card (default: this process's argv).
+    ship_weights : bool
+        Write the weights (False: card + metrics only, for results not shipped).
+    detector_params : dict, optional
+        Per-detector keyword arguments, e.g. ``{"knn": {"bank_size": 1000}}``.
+    """
+    import torch
+
+    from models.architectures import build_model, count_parameters
+
+    cfg = cfg or TrainConfig()
+    arch_kwargs = dict(arch_kwargs or {})
+    splits = data if isinstance(data, Splits) else load_splits(data, seed=data_seed)
+    out = Path(out)
+    name = name or out.name
+    mean = float(splits.train.x.mean())
+    std = float(splits.train.x.std())
+    if not np.isfinite(std) or std <= 0:
+        raise ValueError("training crops have zero or non-finite variance")
+    size = int(splits.train.x.shape[-1])
+    if splits.train.x.shape[-2] != size:
+        raise ValueError(f"crops must be square, got {splits.train.x.shape[1:]}")
+    k = len(splits.class_names)
+    torch.manual_seed(cfg.seed)
+    model = build_model(arch, in_size=size, num_classes=k, **arch_kwargs)
+    x_tr, x_va = normalise(splits.train.x, mean, std), normalise(splits.val.x, mean, std)
+    hist = train_model(model, x_tr, splits.train.y, x_va, splits.val.y, cfg, norm_std=std,
+                       progress=progress)
+    report, dets, temperature, (z_te, z_va) = evaluate_splits(
+        model, splits, mean, std, arch, ood_detector, detectors, alpha, confidence_threshold,
+        n_boot, detector_params)
+    primary = dets[ood_detector]
+    pdict = primary.to_dict()
+    card: dict[str, Any] = {
+        "name": name,
+        "architecture": arch,
+        "arch_kwargs": arch_kwargs,
+        "parameters": count_parameters(model),
+        "input_size": size,
+        "pixel_size_um": splits.pixel_size_um,
+        "normalisation": {"mean": mean, "std": std, "unit": splits.unit,
+                          "rule": "(x - mean) / std on the input crops"},
+        "class_names": list(splits.class_names),
+        "temperature": temperature,
+        "confidence_threshold": float(confidence_threshold),
+        "ood": {"detector": ood_detector, "params": pdict["params"],
+                "threshold": pdict["threshold"], "alpha": alpha,
+                "threshold_rule": "split-conformal: ceil((n+1)(1-alpha))-th smallest ID "
+                                  "validation score; flag OOD when score > threshold",
+                "arrays": sorted(pdict["arrays"]),
+                "fitted_on": "training split features (ID only); threshold on validation"},
+        "ood_detectors_reported": {n: {"params": d.params, "threshold": d.threshold}
+                                   for n, d in dets.items()},
+        "training": {
+            "data": dict(splits.source),
+            "data_sha256": splits.data_hash(),
+            "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test),
+            "n_ood": 0 if splits.ood is None else len(splits.ood),
+            "config": cfg.to_dict(),
+            "history": {k2: v for k2, v in hist.items()},
+            "command": command or " ".join(shlex.quote(a) for a in
+                                           [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        },
+        "metrics": report,
+        "model_card": model_card_text(name, arch, splits),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    reliability_diagram(softmax_t(z_te, temperature), splits.test.y, out / "reliability.png",
+                        title=f"{name}: test set, T = {temperature:.3f}",
+                        probs_before=softmax_t(z_te, 1.0))
+    card = to_jsonable(card)
+    if ship_weights:
+        save_artifact(out, model, card, pdict["arrays"])
+    else:
+        import json
+
+        card["weights_shipped"] = False
+        (out / "card.json").write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
+    return card
+
+
+def evaluate_splits(model, splits: Splits, mean: float, std: float, arch: str,
+                    ood_detector: str = "knn", detectors: tuple[str, ...] = DEFAULT_DETECTORS,
+                    alpha: float = 0.05, confidence_threshold: float = 0.8, n_boot: int = 1000,
+                    detector_params: dict[str, dict[str, Any]] | None = None,
+                    temperature: float | None = None):
+    """Fit T (unless given) and the OOD detectors, then report on test + validation.
+
+    Returns
+    -------
+    tuple
+        ``(report, detectors, temperature, (test_logits, val_logits))``.
+    """
+    x_tr, x_va = normalise(splits.train.x, mean, std), normalise(splits.val.x, mean, std)
+    z_tr, f_tr = predict(model, x_tr)
+    z_va, f_va = predict(model, x_va)
+    z_te, f_te = predict(model, normalise(splits.test.x, mean, std))
+    if temperature is None:
+        temperature = fit_temperature(z_va, splits.val.y)
+    names = list(detectors)
+    if arch.endswith("_vi") and "mutual_info" not in names:
+        names.append("mutual_info")
+    if ood_detector not in names:
+        names.append(ood_detector)
+    dets = _detectors(names, z_tr, f_tr, splits.train.y, z_va, f_va, temperature, model, alpha,
+                      detector_params)
+    zo = fo = None
+    kinds: list[str] | None = None
+    if splits.ood is not None and len(splits.ood):
+        zo, fo = predict(model, normalise(splits.ood.x, mean, std))
+        kinds = splits.ood.kind
+    report = full_report(z_te, f_te, splits.test.y, temperature, splits.class_names, dets,
+                         zo, fo, kinds, splits.ood_features, ood_detector,
+                         confidence_threshold, n_boot)
+    report["validation"] = {
+        "before_T": calibration_report(softmax_t(z_va, 1.0), splits.val.y, n_boot),
+        "after_T": calibration_report(softmax_t(z_va, temperature), splits.val.y, n_boot)}
+    if arch.endswith("_vi"):
+        report["variational"] = _vi_extra(model, normalise(splits.test.x, mean, std),
+                                          splits.test.y, n_boot)
+    return report, dets, temperature, (z_te, z_va)
+
+
+def reevaluate(artifact_path: str | Path, data: str | Path | Splits, data_seed: int = 0,
+               n_boot: int = 1000) -> dict[str, Any]:
+    """Recompute an artifact's card ``metrics`` with the current evaluation code.
+
+    The stored temperature and primary OOD detector are kept; the other reported detectors
+    are refitted on the training split exactly as at training time (deterministic). Only
+    the card's ``metrics`` and ``ood_detectors_reported`` change; the weights do not.
+    """
+    from models.artifact import load_artifact, update_card
+
+    art = load_artifact(artifact_path)
+    splits = data if isinstance(data, Splits) else load_splits(data, seed=data_seed)
+    n = art.normalisation
+    params = {k: {kk: vv for kk, vv in v.get("params", {}).items()
+                  if kk not in ("alpha", "temperature", "n_samples")}
+              for k, v in art.card.get("ood_detectors_reported", {}).items()}
+    report, dets, _, _ = evaluate_splits(
+        art.build_model(), splits, n["mean"], n["std"], art.architecture, art.ood["detector"],
+        tuple(art.card.get("ood_detectors_reported", DEFAULT_DETECTORS)),
+        float(art.ood.get("alpha", 0.05)), art.confidence_threshold, n_boot, params,
+        temperature=art.temperature)
+    return update_card(art.path, {"metrics": report, "ood_detectors_reported": {
+        k: {"params": d.params, "threshold": d.threshold} for k, d in dets.items()}})
+
+
+def _vi_extra(model, x_norm: np.ndarray, y: np.ndarray, n_boot: int) -> dict[str, Any]:
+    """Calibration of the MC-averaged predictive without T, sample spread, MI stats."""
+    import torch
+
+    from models.architectures import predictive_uncertainty
+
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x_norm), 512):
+            s = model.mc_logits(torch.from_numpy(x_norm[i:i + 512]))
+            u = predictive_uncertainty(s)
+            outs.append((u["mean"].double().numpy(), u["mutual_info"].double().numpy(),
+                         s.std(0).mean().item()))
+    mean = np.concatenate([o[0] for o in outs])
+    mi = np.concatenate([o[1] for o in outs])
+    return {"n_samples": model.n_samples,
+            "mc_average_no_T": calibration_report(mean, y, n_boot),
+            "mean_mutual_info_nats": float(mi.mean()),
+            "mean_logit_std_across_samples": float(np.mean([o[2] for o in outs]))}

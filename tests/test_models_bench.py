@@ -1,0 +1,32 @@
+"""The model benchmark modules run (tiny CPU sizes); numbers are not asserted (no timing tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_models_runs_on_cpu():
+    r = _load("gpu_models").run(quick=True)
+    rows = r["torch"]["models"]["lenet5"]
+    assert all(v["eager_cells_s"] > 0 for v in rows.values())
+    assert "skipped" in r["tensorrt"] or r["tensorrt"]["models"]
+
+
+def test_bench_models_vi_cost_and_inference_quick():
+    b = _load("bench_models")
+    v = b.bench_vi_cost(quick=True)
+    assert set(v["seconds_per_batch"]) == {"deterministic_lenet5", "bayes_head_batched",
+                                           "mc_dropout_looped", "full_network_sampling_batched"}
+    assert v["bayes_head_logit_std_across_samples_untrained"] > 0
+    inf = b.bench_inference(quick=True)
+    assert inf["lenet5-sim"][64]["onnxruntime_cells_s"] > 0
