@@ -104,7 +104,14 @@ def test_validation_metrics_by_hand() -> None:
     # differential: counted cells 0,0,1 | 1,1 | OOD object counted as 0 -> 3 of 6 are class 0
     d = res["differential"]["classes"]
     assert d["neutrophil"]["live"] == 3 / 6 and d["neutrophil"]["true"] == 4 / 6
-    assert abs(d["neutrophil"]["error_pp"] - 100 * (3 / 6 - 4 / 6)) < 1e-9
+    assert abs(d["neutrophil"]["counted_error_pp"] - 100 * (3 / 6 - 4 / 6)) < 1e-9
+    # the reported differential is the prior-shift corrected estimate over the 7
+    # in-distribution cells (every decision but "ood")
+    from inference.differential import em_prior_shift
+
+    est = em_prior_shift(probs[[0, 1, 2, 3, 4, 5, 7]])
+    assert abs(d["neutrophil"]["estimate"] - est[0]) < 1e-12
+    assert abs(d["neutrophil"]["error_pp"] - 100 * (est[0] - 4 / 6)) < 1e-9
     assert res["ood"]["rejection_rate"] == 0.5
     assert res["ood"]["per_kind"] == {"digit": {"n": 1, "rejection_rate": 0.0},
                                       "noise": {"n": 1, "rejection_rate": 1.0}}
