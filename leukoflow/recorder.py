@@ -458,18 +458,13 @@ def read_recording(path: str | Path) -> dict[str, Any]:
         [s], ``latency_s``, ``features`` (other scalars), ``meta`` (root attributes),
         ``classes``.
     """
-    import h5py
-    import hdf5plugin  # noqa: F401 (registers the Zstd filter the recordings use)
+    from leukoflow.rtdc import open_rtdc
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"recording not found: {p}")
-    try:
-        h5 = h5py.File(p, "r")
-    except OSError:
-        # still being written, or its writer was killed: a SWMR reader needs no repair
-        h5 = h5py.File(p, "r", swmr=True)
-    with h5:
+    # still being written, or its writer was killed: open_rtdc falls back to a SWMR reader
+    with open_rtdc(p) as h5:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in h5.attrs.items()}
         ev = h5["events"]
         n = min((ev[k].shape[0] for k in ev), default=0)

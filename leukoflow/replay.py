@@ -27,17 +27,12 @@ log = logging.getLogger(__name__)
 
 def recording_kind(path: str | Path) -> str:
     """``"crops"`` (``qpi_pha`` events) or ``"raw"`` (``qpi_oah`` holograms)."""
-    import h5py
-    import hdf5plugin  # noqa: F401 (registers the Zstd filter the recordings use)
+    from leukoflow.rtdc import open_rtdc
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"recording not found: {p}")
-    try:
-        h5 = h5py.File(p, "r")
-    except OSError:
-        h5 = h5py.File(p, "r", swmr=True)  # being written, or its writer was killed
-    with h5:
+    with open_rtdc(p) as h5:  # also a file being written or whose writer was killed
         ev = h5.get("events", {})
         if "qpi_pha" in ev:
             return "crops"

@@ -79,6 +79,22 @@ class Source:
         """Background hologram (no cells), if the source has one."""
         return None
 
+    def _pace(self, t0: float, count: int, rate_hz: float, timeout_s: float) -> bool:
+        """Sleep until frame ``count`` is due at ``rate_hz`` [frames/s] from ``t0`` [s].
+
+        Returns False (after sleeping ``timeout_s``) when the frame is not due within the
+        read timeout, so :meth:`read` can return None; True when it may be delivered.
+        """
+        if rate_hz <= 0:
+            return True
+        wait = t0 + count / rate_hz - time.monotonic()
+        if wait > timeout_s:
+            time.sleep(timeout_s)
+            return False
+        if wait > 0:
+            time.sleep(wait)
+        return True
+
     def read(self, timeout_s: float = 1.0) -> RawFrame | None:
         """Next frame, or None when none arrived within ``timeout_s``.
 

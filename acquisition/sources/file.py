@@ -231,13 +231,8 @@ class FileSource(Source):
             if not self.loop:
                 raise EndOfStream
             self._i = 0
-        if self.rate_hz > 0:
-            wait = self._t0 + self._count / self.rate_hz - time.monotonic()
-            if wait > timeout_s:
-                time.sleep(timeout_s)
-                return None
-            if wait > 0:
-                time.sleep(wait)
+        if not self._pace(self._t0, self._count, self.rate_hz, timeout_s):
+            return None
         try:
             img = self._reader.get(self._i)
         except EndOfStream:

@@ -57,14 +57,8 @@ class SimSource(Source):
     def read(self, timeout_s: float = 1.0) -> RawFrame | None:
         if self._it is None:
             self.open()
-        if self.rate_hz > 0:
-            due = self._t0 + self._count / self.rate_hz
-            wait = due - time.monotonic()
-            if wait > timeout_s:
-                time.sleep(timeout_s)
-                return None
-            if wait > 0:
-                time.sleep(wait)
+        if not self._pace(self._t0, self._count, self.rate_hz, timeout_s):
+            return None
         try:
             fr = next(self._it)
         except StopIteration:
