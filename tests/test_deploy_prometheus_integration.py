@@ -414,10 +414,17 @@ def test_prometheus_scrapes_a_real_leukoflow_run(tmp_path: Path) -> None:
             children = descendants(proc.pid)
             empty = wait_all_return_data(base, timeout=45, alive=alive)
             assert not empty, "queries without data during leukoflow run:\n" + "\n".join(empty)
-            # cells flow through the whole pipeline, as Prometheus sees it
+            # cells flow through the whole pipeline, as Prometheus sees it (the stages
+            # report asynchronously: allow each counter a few scrapes to move off zero)
             for expr in ("sum(leukoflow_cells_emitted_total)", "sum(leukoflow_decisions_total)",
                          "sum(leukoflow_run_cells_total)"):
-                res = mq.query(base, expr)["result"]
+                deadline = time.monotonic() + 30
+                while True:
+                    res = mq.query(base, expr)["result"]
+                    if (res and float(res[0]["value"][1]) > 0) or time.monotonic() > deadline:
+                        break
+                    alive()
+                    time.sleep(1.0)
                 assert res and float(res[0]["value"][1]) > 0, expr
     finally:
         children |= descendants(proc.pid)
