@@ -72,6 +72,9 @@ class PipelineConfig:
         Tracker bounds.
     crop_size, crop_margin : int
         Crop side and captured margin [px].
+    crop_isolate_px : int
+        Phase farther than this from the cell mask is set to 0 rad in the crop
+        (:attr:`acquisition.crops.CropConfig.isolate_px`).
     with_amplitude : bool
         Also publish amplitude crops (not sent on the wire v1; recorded only).
     truth_match_px : float
@@ -103,6 +106,7 @@ class PipelineConfig:
     max_open: int = 256
     crop_size: int = 64
     crop_margin: int = 8
+    crop_isolate_px: int = 6
     with_amplitude: bool = False
     truth_match_px: float = 8.0
     saturated_fraction: float = 0.05
@@ -230,7 +234,8 @@ class AcquisitionPipeline:
             frame_width=self.phase_shape[1]))
         self.crops = CropExtractor(CropConfig(
             size=c.crop_size, margin=c.crop_margin, with_amplitude=c.with_amplitude,
-            pixel_um=self.pixel_um, wavelength_um=optics.wavelength_um))
+            pixel_um=self.pixel_um, wavelength_um=optics.wavelength_um,
+            isolate_px=c.crop_isolate_px))
         self.validator = FrameValidator(shape=tuple(optics.roi_shape),
                                         saturated_fraction=c.saturated_fraction,
                                         max_value=float(2**optics.bit_depth - 1))

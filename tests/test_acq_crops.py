@@ -94,3 +94,28 @@ def test_failed_unwrap_is_detected():
     assert np.all(out[~valid] == 0.0)
     d = out[valid] - smooth[valid]
     assert np.allclose(d, d[0], atol=1e-6)
+
+
+def test_crop_isolates_its_cell_from_a_neighbour():
+    """Parts of a neighbouring cell inside the crop window are set to background (0 rad)."""
+    true = _cell((80, 256), 40.0, 100.0, 12, 3.0) + _cell((80, 256), 40.0, 128.0, 10, 3.0)
+    crops, _ = _crop(true, noise=0.01)
+    assert len(crops) == 2
+    a = min(crops, key=lambda c: c.bbox[1])  # the left cell
+    y0, x0, _, _ = a.bbox
+    tw, _ = window(true, y0, x0, 64, 64, 0.0)
+    neighbour = tw > 0.5
+    neighbour[:, : 128 - 10 - x0 - 4] = False  # only the right cell's pixels
+    assert neighbour.sum() > 50  # the neighbour does reach into this crop window
+    assert np.all(a.phase[neighbour] == 0.0)
+    assert np.sqrt(np.mean((a.phase - tw)[a.mask] ** 2)) < 0.03  # own cell intact
+    # isolate_px=0 keeps the neighbour
+    wrapped = np.angle(np.exp(1j * true)).astype(np.float32)
+    seg = ThresholdSegmenter(threshold=0.3).segment(wrapped)
+    dets = measure_objects(seg.labels, seg.n, wrapped)
+    ex = CropExtractor(CropConfig(isolate_px=0))
+    left = min(dets, key=lambda d: d.cx)
+    b = ex.finalize(ex.capture(left, wrapped, seg.labels, None))
+    tw_b, _ = window(true, b.bbox[0], b.bbox[1], 64, 64, 0.0)
+    nb = (tw_b > 0.5) & ~b.mask
+    assert nb.sum() > 50 and np.all(b.phase[nb] > 0.3)
