@@ -40,6 +40,10 @@ for f in sorted(out.glob("gpu_*.json")):
     except json.JSONDecodeError:
         continue
     merged[f.stem] = res
+    if "rows" not in res:  # named values: show the numeric ones
+        for k, v in res.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                rows.append((f.stem, k, f"{v:.4g}", "", ""))
     for r in res.get("rows", []):
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else ""
         rows.append((f.stem, r["stage"], f"{r['value']:.4g} {r.get('unit','')}", ratio,

@@ -42,6 +42,13 @@ def print_rows(name: str, result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"bench {name} — {result.get('machine', '')}")
+    if "rows" not in result:  # a benchmark that reports named values, not stage rows
+        table.add_column("quantity")
+        table.add_column("value")
+        for key, value in _flat(result):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        Console().print(table)
+        return
     for col in ("stage", "value", "baseline", "ratio", "target"):
         table.add_column(col)
     for r in result.get("rows", []):
@@ -52,6 +59,16 @@ def print_rows(name: str, result: dict) -> None:
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else ""
         table.add_row(str(r.get("stage", "")), val, str(base), ratio, str(r.get("target", "")))
     Console().print(table)
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.extend(_flat(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def register(app: typer.Typer) -> None:
