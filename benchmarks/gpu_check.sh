@@ -2,15 +2,17 @@
 # One prepared script for a lent NVIDIA GPU (H100/H200): installs the carried wheels,
 # runs the CUDA tests and the GPU benchmarks, prints one short table.
 # Usage (device tool): carry [".gpu-wheels"], command `bash benchmarks/gpu_check.sh`,
-# timeout_s 540. Results also land in $OUT/gpu_check.json when $OUT is set.
+# timeout_s 540. Results land in $GPU_OUT (default /tmp/gpu_out); gpu_session.sh packs them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 if [ -d .gpu-wheels ]; then
-  $PY -m pip install --quiet --no-index --no-deps .gpu-wheels/*.whl 2>&1 | tail -2
+  $PY -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site \
+    .gpu-wheels/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUTDIR=${OUT:-/tmp/gpu_check}
+OUTDIR=${GPU_OUT:-/tmp/gpu_out}
 mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
@@ -18,17 +20,18 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 status=0
 run() {  # name, timeout, command...
   local name=$1 t=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi  # ONLY="a b"
   echo "== $name"
   if ! timeout "$t" "$@" --json > "$OUTDIR/$name.json" 2> "$OUTDIR/$name.err"; then
     echo "   FAILED (see $name.err)"; tail -5 "$OUTDIR/$name.err"; status=1
   fi
 }
 run gpu_reconstruct 120 $PY benchmarks/gpu_reconstruct.py --device cuda
-run gpu_models      150 $PY benchmarks/gpu_models.py --device cuda
+run gpu_models      150 $PY benchmarks/gpu_models.py
 run gpu_infer       150 $PY benchmarks/gpu_infer.py --device cuda
-run gpu_explain     90  $PY benchmarks/gpu_explain.py --device cuda
+run gpu_explain     120 $PY benchmarks/gpu_explain.py
 echo "== pytest -m gpu"
-timeout 120 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -5 || status=1
+timeout 120 $PY -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/test_cuda.py tests/test_infer_backends.py tests/test_reconstruct_gpu_script.py 2>&1 | tail -40 || status=1
 
 $PY - "$OUTDIR" <<'PYEOF'
 import json, pathlib, sys

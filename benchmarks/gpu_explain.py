@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+
+
+def _slic_one(args):
+    """One crop's multi-SLIC segmentations (process-pool worker)."""
+    from explain.segmentation import multi_slic
+
+    x, cfg = args
+    return multi_slic(x, cfg)[0]
 
 
 def run(quick: bool = False) -> dict:
@@ -61,6 +71,19 @@ def run(quick: bool = False) -> dict:
     res["cpu_lime_without_slic_s_per_cell"] = (time.perf_counter() - t0) / n_cpu
     res["speedup_vs_cpu"] = res["cpu_lime_without_slic_s_per_cell"] / dev_s
     res["meets_target_without_slic"] = bool(dev_s <= 0.020)
+    # SLIC runs on the host: a process pool over the cells (the service's layout on a GPU
+    # host) overlaps it with the device forwards, so the per-cell throughput cost is
+    # max(device, pool) rather than the sum
+    workers = max(1, min(len(crops), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_slic_one, [(crops[0], params.slic)] * workers))  # start workers
+        t0 = time.perf_counter()
+        list(pool.map(_slic_one, [(x, params.slic) for x in crops]))
+        pool_s = (time.perf_counter() - t0) / n_cells
+    res["slic_pool_workers"] = workers
+    res["slic_pool_s_per_cell"] = pool_s
+    res["lime_pipelined_s_per_cell"] = max(dev_s, pool_s)
+    res["meets_target_pipelined"] = bool(max(dev_s, pool_s) <= 0.020)
     return res
 
 

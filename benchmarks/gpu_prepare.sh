@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (CPU machine with the registries) before a device session: downloads the wheels
-# the lent GPU machine lacks (it has Python 3.12 + PyTorch + CUDA, and no network) into
+# the lent GPU machine lacks (pyzmq, captum: its image has Python 3.12, PyTorch, CUDA and
+# the rest; the working tree that travels is capped at 64 MiB) into
 # .gpu-wheels/ (git-ignored). Then call the device tool with carry [".gpu-wheels"] and the
 # command `bash benchmarks/gpu_check.sh`.
 set -euo pipefail
@@ -10,7 +11,10 @@ grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo '/.gpu-wheels/' >
 .venv/bin/python -m pip download --quiet --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
   --no-deps -d .gpu-wheels \
-  pyzmq msgpack typer rich shellingham markdown-it-py mdurl pygments click \
-  prometheus-client captum h5py hdf5plugin tifffile scikit-image lazy-loader imageio \
-  scikit-learn threadpoolctl joblib tqdm
+  pyzmq captum
 du -sh .gpu-wheels
+# the PBC arrays for benchmarks/gpu_train_pbc.sh (../shared does not travel to the device)
+mkdir -p .gpu-data
+grep -qx '/.gpu-data/' .git/info/exclude || echo '/.gpu-data/' >> .git/info/exclude
+cp ../shared/data/real/pbc-4class-64/pbc64.npz .gpu-data/
+du -sh .gpu-data

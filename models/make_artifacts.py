@@ -40,11 +40,14 @@ COMMANDS: dict[str, list[str]] = {
                     "--patience", "2", "--out", f"{ART}/alexnet-sim"],
     "lenet5-vi-sim": ["--data", SIM, "--arch", "lenet5_vi", "--ood", "knn", "--seed", "0",
                       "--epochs", "8", "--patience", "3", "--out", f"{ART}/lenet5-vi-sim"],
-    "lenet5-pbc": ["--data", PBC, "--arch", "lenet5", "--seed", "0", "--epochs", "40",
-                   "--patience", "8", "--out", f"{ART}/lenet5-pbc", "--no-weights"],
-    "alexnet-pbc": ["--data", PBC, "--arch", "alexnet", "--arch-kwarg", "width=0.25",
-                    "--arch-kwarg", "hidden=256", "--seed", "0", "--epochs", "40",
-                    "--patience", "8", "--out", f"{ART}/alexnet-pbc", "--no-weights"],
+    # PBC (real data, cards only): trained on a lent NVIDIA H100 with --device cuda
+    # (benchmarks/gpu_train_pbc.sh, ~35 s each); on a CPU drop --device (~60 s/epoch for AlexNet)
+    "lenet5-pbc": ["--data", PBC, "--arch", "lenet5", "--lr", "0.001", "--ood", "mahalanobis",
+                   "--seed", "0", "--epochs", "80", "--patience", "15", "--device", "cuda",
+                   "--out", f"{ART}/lenet5-pbc", "--no-weights"],
+    "alexnet-pbc": ["--data", PBC, "--arch", "alexnet", "--lr", "0.0005", "--ood", "rmds",
+                    "--seed", "0", "--epochs", "80", "--patience", "15", "--device", "cuda",
+                    "--out", f"{ART}/alexnet-pbc", "--no-weights"],
 }
 """Artifact name -> ``leukoflow train`` arguments (run from the repository root)."""
 

@@ -111,10 +111,11 @@ def test_torch_cuda_fp16_matches_cpu():
         out = be.infer(x)
         ok = np.arange(300) != 5
         assert out.finite.tolist() == ok.tolist()
+        # tolerances from the finite rows only (row 5 is inf -> NaN logits by design)
         np.testing.assert_allclose(out.logits[ok], ref.logits[ok],
-                                   atol=0.02 * np.abs(ref.logits).max() + 1e-3)
+                                   atol=0.02 * np.abs(ref.logits[ok]).max() + 1e-3)
         np.testing.assert_allclose(out.features[ok], ref.features[ok],
-                                   atol=0.02 * np.abs(ref.features).max() + 1e-3)
+                                   atol=0.02 * np.abs(ref.features[ok]).max() + 1e-3)
         # OOD score computed in the graph equals the host detector on the GPU's logits
         assert out.ood_score is not None and be.describe()["device_ood"] == "EnergyScore"
         host = art.ood_detector().score(out.logits[ok], out.features[ok])
