@@ -25,7 +25,7 @@ test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
 
 demo: venv
-	$(BIN)/leukoflow run --source sim --duration 30 --out runs/demo
+	$(BIN)/leukoflow run --source sim:0:0.3 --duration 30 --out runs/demo
 
 bench: venv
 	$(BIN)/leukoflow bench all

@@ -12,6 +12,7 @@ reconstructor) or as ready phase frames (:meth:`AcquisitionPipeline.process_phas
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,9 +23,10 @@ import numpy as np
 from acquisition.crops import CellCrop, CropConfig, CropExtractor
 from acquisition.features import Detection, measure_objects
 from acquisition.gates import GateConfig, QualityGates
-from acquisition.segment import SEGMENTERS, Segmenter
+from acquisition.segment import SEGMENTERS, Segmentation, Segmenter, SplitConfig, split_touching
 from acquisition.sources.base import FrameValidator, RawFrame
 from acquisition.track import FinishedTrack, TrackConfig, Tracker
+from leukoflow import CLASS_NAMES
 from leukoflow.physics import DEFAULT_OPTICS, Optics
 
 #: Stage names stamped (monotonic ns) into ``FrameResult.t`` and the crop messages.
@@ -51,6 +53,15 @@ class PipelineConfig:
         Opening disk radius [phase px].
     max_small_px : int
         Objects of at most this many pixels are dropped [px].
+    split : bool
+        Split blobs of two touching cells along their neck
+        (:func:`acquisition.segment.split_touching`) before the doublet gate; blobs whose
+        split is ambiguous stay whole and are rejected as ``doublet`` (the reason the split
+        was refused is counted in ``accounting()["splits"]``).
+    split_max_neck_ratio : float
+        Largest cut length / equivalent diameter of the smaller part.
+    split_max_cut_phase_rad : float
+        Largest median phase on the cut [rad] (touching rims vs overlapping cells).
     clear_border_edges : str
         Edges that clear touching objects in the segmenter (default none: the tracker and
         gates handle edge objects so that they are counted).
@@ -90,6 +101,9 @@ class PipelineConfig:
     threshold_rad: float = 0.25
     opening_radius: int = 2
     max_small_px: int = 10
+    split: bool = True
+    split_max_neck_ratio: float = 0.6
+    split_max_cut_phase_rad: float = 0.9
     clear_border_edges: str = ""
     min_area_um: float = 7.0
     max_area_um: float = 320.0
@@ -223,6 +237,12 @@ class AcquisitionPipeline:
         self.segmenter: Segmenter = SEGMENTERS.create(
             c.segmenter, threshold=c.threshold_rad, opening_radius=c.opening_radius,
             max_small_px=c.max_small_px, clear_border_edges=c.clear_border_edges)
+        self.split_config = SplitConfig(
+            enabled=c.split, max_neck_ratio=c.split_max_neck_ratio,
+            max_cut_phase_rad=c.split_max_cut_phase_rad,
+            min_part_px=int(np.ceil(c.min_area_um / self.pixel_um**2)))
+        if c.split:
+            import skimage.segmentation  # noqa: F401  (once here, not in the first doublet frame)
         self.gates = QualityGates(GateConfig(
             min_area_um=c.min_area_um, max_area_um=c.max_area_um,
             reject_channel_border=c.reject_channel_border, min_solidity=c.min_solidity,
@@ -245,7 +265,7 @@ class AcquisitionPipeline:
         self._next_cell = 0
         self.stats: dict[str, Counter] = {
             "frames": Counter(), "frames_rejected": Counter(), "cells_rejected": Counter(),
-            "detections": Counter(),
+            "detections": Counter(), "splits": Counter(),
         }
         self.n_emitted = 0
         self.stage_ns: Counter = Counter()
@@ -268,6 +288,7 @@ class AcquisitionPipeline:
         d: dict[str, Any] = {
             "pipeline": self.config.to_dict(),
             "segmenter": self.segmenter.ppid,
+            "split": self.split_config.to_dict(),
             "gates": self.gates.config.to_dict(),
             "tracker": self.tracker.config.to_dict(),
             "crops": self.crops.config.to_dict(),
@@ -339,13 +360,20 @@ class AcquisitionPipeline:
         dets = measure_objects(seg.labels, seg.n, phase, amplitude=amplitude, frame=index,
                                pixel_um=self.pixel_um)
         self.gates.apply(dets)
+        if self.split_config.enabled:
+            dets = self._split(dets, seg, phase, amplitude, index)
         t["t_segment"] = time.monotonic_ns()
         self.stage_ns["segment"] += t["t_segment"] - t["t_recon"]
         for d in dets:
             self.stats["detections"][d.reason or "accepted"] += 1
 
         def on_candidate(d: Detection) -> _Payload:
-            cap = self.crops.capture(d, phase, seg.labels, amplitude, t_acq)
+            ph = phase
+            sib = d.extra.get("sibling")
+            if sib is not None:
+                # a part of a split pair: its touching neighbour is not part of its crop
+                ph = np.where(seg.labels == sib, np.float32(0.0), phase)
+            cap = self.crops.capture(d, ph, seg.labels, amplitude, t_acq)
             return _Payload(cap, self._match_truth(d, truth), origin)
 
         finished = self.tracker.update(index, dets, on_candidate)
@@ -356,6 +384,51 @@ class AcquisitionPipeline:
         t["t_crop"] = time.monotonic_ns()
         self.stage_ns["crop"] += t["t_crop"] - t["t_track"]
         return res
+
+    def _split(self, dets: list[Detection], seg: Segmentation, phase: np.ndarray,
+               amplitude: np.ndarray | None, index: int) -> list[Detection]:
+        """Replace doublet blobs of two touching cells by their two parts (gated again).
+
+        The parts get the blob's label and a new one in ``seg.labels`` (in place) and
+        ``extra["sibling"]`` = the other part's label.
+        """
+        out: list[Detection] = []
+        h_img, w_img = seg.labels.shape
+        for d in dets:
+            if d.reason != "doublet" or d.touches_flow_edge:
+                out.append(d)
+                continue
+            y0, x0, h, w = d.bbox
+            m = 8  # window margin [px]: background around the blob for the measurements
+            Y0, X0 = max(y0 - m, 0), max(x0 - m, 0)
+            Y1, X1 = min(y0 + h + m, h_img), min(x0 + w + m, w_img)
+            lab_w = seg.labels[Y0:Y1, X0:X1]
+            parts, outcome = split_touching(lab_w == d.label, phase[Y0:Y1, X0:X1],
+                                            self.split_config)
+            self.stats["splits"][outcome] += 1
+            if parts is None:
+                out.append(d)
+                continue
+            new_label = seg.n + 1
+            seg.n = new_label
+            lab_w[parts == 2] = new_label  # a view: updates seg.labels
+            amp_w = None if amplitude is None else amplitude[Y0:Y1, X0:X1]
+            halves = measure_objects(parts, 2, phase[Y0:Y1, X0:X1], amplitude=amp_w,
+                                     frame=index, pixel_um=self.pixel_um)
+            labels = (d.label, new_label)
+            for k, p in enumerate(halves):
+                by, bx, bh, bw = p.bbox
+                gy, gx = by + Y0, bx + X0
+                touch = "".join(e for e, hit in (("t", gy == 0), ("b", gy + bh == h_img),
+                                                 ("l", gx == 0), ("r", gx + bw == w_img))
+                                if hit)
+                q = dataclasses.replace(
+                    p, label=labels[k], cy=p.cy + Y0, cx=p.cx + X0, bbox=(gy, gx, bh, bw),
+                    touch=touch, reason=None,
+                    extra={"split_from": d.label, "sibling": labels[1 - k]})
+                q.reason = self.gates.reason(q)
+                out.append(q)
+        return out
 
     def flush(self, index: int = -1) -> FrameResult:
         """End every open track (end of stream) and return the resulting cells."""
@@ -414,14 +487,22 @@ class AcquisitionPipeline:
             "cells_rejected": dict(self.stats["cells_rejected"]),
             "tracks_open": int(self.tracker.n_open),
             "unwrap": dict(self.crops.stats),
+            "splits": dict(self.stats["splits"]),
         }
+
+
+#: Object kinds that count as cells for the acquisition yield (leukocytes, erythrocytes).
+CELL_KINDS: frozenset[str] = frozenset((*CLASS_NAMES, "erythrocyte"))
 
 
 class TruthScorer:
     """Score a run against simulator ground truth (tests, benchmarks, validation).
 
     A cell *fully crosses* the field of view when it is fully inside in at least one frame;
-    it is *resolvable* when in at least one of those frames no other object comes closer
+    *cells* are the leukocytes and erythrocytes (:data:`CELL_KINDS`): the simulator's
+    platelets (2–3 µm) and most debris lie below the ``too_small`` gate by design and are
+    counted as rejected, so they are reported with all objects but not among the cells; it
+    is *resolvable* when in at least one of those frames no other object comes closer
     than the sum of both radii plus ``isolation_px`` (coincident cells that touch in every
     frame are physically inseparable; the gates reject them as doublets).
 
@@ -504,10 +585,13 @@ class TruthScorer:
         dup = sum(v - 1 for v in self.emitted.values() if v > 1)
         missed_kinds = Counter(self.kind[i] for i in self.resolvable if self.emitted[i] == 0)
         leuko = {i for i, lab in self.label.items() if lab >= 0}
+        cells = {i for i, k in self.kind.items() if k in CELL_KINDS}
         return {
             "cells_emitted": self.n_cells,
             "full_crossing": frac(self.full),
             "resolvable": frac(self.resolvable),
+            "full_crossing_cells": frac(self.full & cells),
+            "resolvable_cells": frac(self.resolvable & cells),
             "full_crossing_leukocytes": frac(self.full & leuko),
             "resolvable_leukocytes": frac(self.resolvable & leuko),
             "duplicates": dup,

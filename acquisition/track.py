@@ -10,8 +10,19 @@ merged with a neighbour looks larger, a fragment smaller), the most central and 
 one. When a track ends (the cell
 left the field of view, or it was not seen for ``max_missed`` frames, or it exceeded
 ``max_age_frames``) it is reported once: either with its best instance (a cell to emit) or
-with a rejection reason. A track seen as a doublet more often than as a single cell is
-rejected as ``doublet``.
+with a rejection reason. A track whose passing instances all have the area of its doublet
+instances (a merged pair that looked single in some frames), and that was seen as a doublet
+more often than it passed, is rejected as ``doublet``.
+
+Coincident cells (a neighbour overtakes, or two cells enter the field together) are handled
+so that one cell never gives two crops: a blob that holds the predicted position of a track
+but is larger than that track's cell by more than ``merge_area_ratio`` is a *merged*
+observation of every such track (each coasts on its own velocity, takes no candidate from
+it, and picks its cell up again when the pair separates); a track born merged that later
+shows a single cell much smaller than its earlier instances drops those instances (they
+were the pair); a single cell appearing outside the normal gate but within the extent of
+such a coasting, larger track continues that track instead of starting a second one; and
+displacements across a merge/separation (a centroid jump) never update the velocity.
 
 Objects that do not move (stuck debris, a cell adhering to the wall) would otherwise start
 a new track every frame; they are recognised by a near-zero displacement and rejected once
@@ -66,7 +77,9 @@ class TrackConfig:
         Most instances kept per track as candidates (bounds memory).
     merge_area_ratio : float
         Instances whose area differs from the track's lower-median area by more than this
-        fraction (merged with a neighbour, or a fragment) are not emitted.
+        fraction (merged with a neighbour, or a fragment) are not emitted; a detection
+        larger than a track's single-cell area by more than this fraction is a merged
+        observation of that track (coincidence handling, see the module docstring).
     velocity_window : int
         Number of recent full-view displacements whose median is the flow estimate.
     frame_width : int
@@ -119,6 +132,17 @@ class Track:
     edge: bool = False
     candidates: list[Candidate] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
+    areas: list[float] = field(default_factory=list)
+    merged_areas: list[float] = field(default_factory=list)
+    last_area: float | None = None
+
+    @property
+    def ref_area(self) -> float | None:
+        """Median area [µm²] of the track's clean single-cell instances (None if none)."""
+        if not self.areas:
+            return None
+        a = sorted(self.areas)
+        return a[(len(a) - 1) // 2]
 
     def predict(self, frame: int, flow_dx: float) -> tuple[float, float]:
         """Predicted (y, x) [px] at ``frame``."""
@@ -190,6 +214,9 @@ class Tracker:
         self._steps: deque[float] = deque(maxlen=c.velocity_window)
         self._next_id = 0
         self.stats: Counter = Counter()
+        #: Track ids each detection of the last :meth:`update` went to (several for a
+        #: merged observation), for diagnostics.
+        self.last_assignment: list[tuple[int, ...]] = []
 
     @property
     def n_open(self) -> int:
@@ -246,6 +273,11 @@ class Tracker:
         tr.moving = True
         tr.stationary = False
         full_pair = not d.touches_flow_edge and not tr.edge
+        if tr.last_area is not None and not (
+                tr.last_area / (1.0 + c.merge_area_ratio) <= d.area_um
+                <= tr.last_area * (1.0 + c.merge_area_ratio)):
+            # merged -> separated (or back): the centroid jumped, not the cell
+            full_pair = False
         if not (full_pair and self._lo <= step <= self._hi):
             return
         # the flow estimate is the median of recent full-view steps (robust to centroid
@@ -286,9 +318,54 @@ class Tracker:
         c = self.config
         finished: list[FinishedTrack] = []
         assign = self._match(frame, dets)
-        matched_tracks: set[int] = set()
+        regular = set(assign.values())
+        # coincidences: a blob that holds the predicted position of an open track but is
+        # larger than that track's cell (it merged with a neighbour) is a *merged*
+        # observation of every such track: the tracks coast on their own velocity through
+        # it (no position update, no candidate) and pick their cells up again when the
+        # pair separates, so neither cell is lost nor restarted as a second track
+        merged_of: dict[int, list[int]] = {}
+        claimed: set[int] = set()
         for j, d in enumerate(dets):
             tid = assign.get(j)
+            owners = self._merged_owners(frame, d, regular | claimed)
+            if tid is not None and self._is_merged(self.open[tid], d):
+                owners.insert(0, tid)
+                del assign[j]
+            elif tid is not None and owners:
+                d.extra["merged"] = True  # its new track must not emit the pair
+            if owners:
+                merged_of[j] = owners
+                claimed.update(owners)
+        # separations: a single cell that appears, outside the normal gate, within the
+        # extent of a coasting track that was larger (a merged pair whose centroid was off
+        # the cell's own) continues that track instead of starting a second one for it
+        for j, d in enumerate(dets):
+            if j in assign or j in merged_of:
+                continue
+            tid = self._separation_owner(frame, d, set(assign.values()))
+            if tid is None:
+                self._split_off(frame, d, {t: dets[k] for k, t in assign.items()})
+            if tid is not None:
+                assign[j] = tid
+                for k in list(merged_of):
+                    if tid in merged_of[k]:
+                        merged_of[k].remove(tid)
+                        if not merged_of[k]:
+                            del merged_of[k]
+                self.stats["separations_joined"] += 1
+        matched_tracks: set[int] = set(assign.values())
+        for owners in merged_of.values():
+            matched_tracks.update(owners)
+        self.last_assignment = []
+        for j, d in enumerate(dets):
+            tid = assign.get(j)
+            if j in merged_of:
+                for mt in merged_of[j]:
+                    self._merged(self.open[mt], d, frame)
+                if tid is None:
+                    self.last_assignment.append(tuple(merged_of[j]))
+                    continue
             if tid is None:
                 if len(self.open) >= c.max_open:
                     oldest = min(self.open.values(), key=lambda t: (t.first_frame, t.track_id))
@@ -306,13 +383,23 @@ class Tracker:
                 tr.cy, tr.cx = d.cy, d.cx
                 tr.edge = d.touches_flow_edge
                 tr.half_width = max(tr.half_width, d.bbox[3] / 2.0)
+            tr.last_area = d.area_um
             matched_tracks.add(tr.track_id)
-            if d.reason is not None:
+            self.last_assignment.append((tr.track_id, *merged_of.get(j, ())))
+            if d.extra.get("merged") and d.reason is None:
+                tr.reasons["doublet"] += 1
+                self._note_merged_area(tr, d.area_um)
+            elif d.reason is not None:
                 tr.reasons[d.reason] += 1
+                if d.reason == "doublet" and not d.touches_flow_edge:
+                    self._note_merged_area(tr, d.area_um)
             elif d.touches_flow_edge:
                 tr.reasons["partial"] += 1
             else:
+                self._separated(tr, d)
                 tr.n_full += 1
+                if len(tr.areas) < c.max_candidates:
+                    tr.areas.append(d.area_um)
                 self._offer(tr, d, on_candidate)
         # end tracks: left the field, lost, or too old
         for tid in list(self.open):
@@ -325,6 +412,90 @@ class Tracker:
             elif tid not in matched_tracks and frame - tr.last_frame > c.max_missed:
                 finished.append(self._finish(tr, "lost"))
         return finished
+
+    # ------------------------------------------------------------------ coincidences
+    def _is_merged(self, tr: Track, d: Detection) -> bool:
+        """True when ``d`` is larger than ``tr``'s own cell by more than the area ratio."""
+        ref = tr.ref_area
+        if ref is None or d.touches_flow_edge:
+            return False
+        return d.area_um > ref * (1.0 + self.config.merge_area_ratio)
+
+    def _merged_owners(self, frame: int, d: Detection, taken: set[int]) -> list[int]:
+        """Open tracks (not in ``taken``, with a known single-cell area) whose predicted
+        position lies in ``d``'s box while ``d`` is larger than their cell."""
+        owners: list[int] = []
+        y0, x0, h, w = d.bbox
+        for oid, tr in self.open.items():
+            if oid in taken or tr.stationary:
+                continue
+            py, px = tr.predict(frame, self.flow_dx)
+            if y0 <= py < y0 + h and x0 <= px < x0 + w and self._is_merged(tr, d):
+                owners.append(oid)
+        return owners
+
+    def _separation_owner(self, frame: int, d: Detection, matched: set[int]) -> int | None:
+        """Unmatched track whose (larger, merged) extent holds the single cell ``d``."""
+        c = self.config
+        if d.reason is not None or d.touches_flow_edge:
+            return None
+        best, best_dx = None, None
+        for oid, tr in self.open.items():
+            ref = tr.ref_area
+            if oid in matched or tr.stationary or ref is None:
+                continue
+            if d.area_um * (1.0 + c.merge_area_ratio) >= ref:
+                continue
+            py, px = tr.predict(frame, self.flow_dx)
+            ex = abs(d.cx - px)
+            if ex <= tr.half_width + c.gate_x_px and abs(d.cy - py) <= 2.0 * c.gate_y_px \
+                    and (best_dx is None or ex < best_dx):
+                best, best_dx = oid, ex
+        return best
+
+    def _split_off(self, frame: int, d: Detection, matched: dict[int, Detection]) -> None:
+        """A single cell ``d`` starts a new track beside a track that shrank in this frame,
+        within that track's extent: the pair it showed has separated into the two, so the
+        track's earlier (pair-sized) instances are dropped as candidates."""
+        c = self.config
+        r = c.merge_area_ratio
+        if d.reason is not None or d.touches_flow_edge:
+            return
+        for oid, md in matched.items():
+            tr = self.open[oid]
+            ref = tr.ref_area
+            if ref is None or d.area_um * (1.0 + r) >= ref or md.area_um * (1.0 + r) >= ref:
+                continue
+            py, px = tr.predict(frame, self.flow_dx)
+            if abs(d.cx - px) <= tr.half_width + c.gate_x_px and \
+                    abs(d.cy - py) <= 2.0 * c.gate_y_px:
+                self._separated(tr, d)
+
+    def _merged(self, tr: Track, d: Detection, frame: int) -> None:
+        """Record a merged observation: coast on the track's own velocity, no candidate."""
+        tr.cy, tr.cx = tr.predict(frame, self.flow_dx)
+        tr.last_frame = frame
+        tr.n += 1
+        tr.reasons["merged"] += 1
+        self.stats["merged_observations"] += 1
+
+    def _note_merged_area(self, tr: Track, area_um: float) -> None:
+        if len(tr.merged_areas) < self.config.max_candidates:
+            tr.merged_areas.append(area_um)
+
+    def _separated(self, tr: Track, d: Detection) -> None:
+        """A clean instance much smaller than the track's earlier ones: the earlier ones
+        were a merged pair that has now separated (the track was born merged). Drop them as
+        candidates so that the crop shows one cell, not the pair."""
+        r = self.config.merge_area_ratio
+        big = [cd for cd in tr.candidates if cd.det.area_um > d.area_um * (1.0 + r)]
+        if not big:
+            return
+        for cd in big:
+            self._note_merged_area(tr, cd.det.area_um)
+        tr.candidates = [cd for cd in tr.candidates if cd not in big]
+        tr.areas = [a for a in tr.areas if a <= d.area_um * (1.0 + r)]
+        self.stats["separations"] += 1
 
     def _offer(self, tr: Track, d: Detection, on_candidate: Callable[[Detection], Any] | None
                ) -> None:
@@ -341,16 +512,33 @@ class Tracker:
         cands.append(Candidate(score, d, payload))
 
     def _choose(self, tr: Track) -> Candidate | None:
-        """Best instance: among the instances whose area is within ``merge_area_ratio`` of
-        the track's lower-median area (a cell merged with a neighbour looks larger, a
-        fragment of a separating pair smaller), the highest :func:`instance_score`."""
-        if not tr.candidates:
-            return None
-        areas = sorted(cd.det.area_um for cd in tr.candidates)
-        ref = areas[(len(areas) - 1) // 2]
+        """Best instance: among the instances of single-cell area, the highest
+        :func:`instance_score`.
+
+        When the track was also seen merged with a neighbour (doublet instances, or
+        instances dropped by a separation), instances with at least the median merged area
+        / (1 + ``merge_area_ratio``) belong to the pair and are never emitted; if that
+        leaves none (merged and single views look alike), the track is kept only when it
+        passed more often than it was seen as a doublet. Among the remaining instances,
+        those within ``merge_area_ratio`` of the lower-median area count (a cell merged
+        with a neighbour looks larger, a fragment of a separating pair smaller).
+        """
         r = self.config.merge_area_ratio
+        cands = tr.candidates
+        if tr.merged_areas:
+            ma = sorted(tr.merged_areas)
+            limit = ma[(len(ma) - 1) // 2] / (1.0 + r)
+            singles = [cd for cd in cands if cd.det.area_um < limit]
+            if singles:
+                cands = singles
+            elif tr.reasons["doublet"] > tr.n_full:
+                return None
+        if not cands:
+            return None
+        areas = sorted(cd.det.area_um for cd in cands)
+        ref = areas[(len(areas) - 1) // 2]
         lo, hi = ref / (1.0 + r), ref * (1.0 + r)
-        return max((cd for cd in tr.candidates if lo <= cd.det.area_um <= hi),
+        return max((cd for cd in cands if lo <= cd.det.area_um <= hi),
                    key=lambda cd: cd.score)
 
     def flush(self) -> list[FinishedTrack]:
@@ -364,12 +552,12 @@ class Tracker:
             best, reason = None, "stationary"
         elif end == "overflow":
             best, reason = None, "overflow"
-        elif tr.candidates and tr.reasons["doublet"] > tr.n_full:
-            # seen as a doublet more often than it passed: two coincident cells that
-            # looked single in some frame (emitting it would trace to one of them twice)
+        elif tr.candidates and (best := self._choose(tr)) is not None:
+            reason = None
+        elif tr.candidates or tr.reasons["merged"]:
+            # every instance that passed had the area of the merged pair: two coincident
+            # cells that looked single in some frame (or coasted merged to the end)
             best, reason = None, "doublet"
-        elif tr.candidates:
-            best, reason = self._choose(tr), None
         elif tr.reasons:
             # a gate reason beats "partial": the full view of the object was rejected
             gate = Counter({k: v for k, v in tr.reasons.items() if k != "partial"})

@@ -13,8 +13,11 @@ Rows (all measured in this one invocation, on this machine):
   differential against ground truth [percentage points] and whether accounting balanced.
 
 ``python benchmarks/bench_e2e.py [--quick] [--json]``;
-``python benchmarks/bench_e2e.py --accuracy N [--data crops.rtdc] [--json]``;
-``python benchmarks/bench_e2e.py --make-data N crops.rtdc`` (pre-generate the N cells).
+``python benchmarks/bench_e2e.py --accuracy N [--data crops.rtdc] [--crops pipeline|isolated]
+[--json]``; ``python benchmarks/bench_e2e.py --make-data N crops.rtdc`` (pre-generate the N
+cells). ``--crops pipeline`` (default) cuts the cells with the live acquisition path from
+simulated flow (``acquisition.pipeline_dataset.make_flow_sample``); ``isolated`` renders
+each object alone. ``LEUKOFLOW_SIM_WORKERS`` sets the generating processes.
 """
 
 from __future__ import annotations
@@ -106,20 +109,35 @@ def _blood_mix_crops(n: int, seed: int) -> dict[str, Any]:
     return {"x": x, "y": y, "kind": kind, "features": features}
 
 
-def make_dataset(n: int, path: Path, seed: int = 1) -> Path:
-    """Write ``n`` simulated blood-mix crops to ``path`` (``.rtdc``) unless it exists."""
+def _pipeline_crops(n: int, seed: int) -> dict[str, Any]:
+    """``n`` traced cells as the live acquisition path emits them from the blood mix."""
+    from acquisition.pipeline_dataset import make_flow_sample
+
+    workers = max(1, int(os.environ.get("LEUKOFLOW_SIM_WORKERS", "1")))
+    return make_flow_sample(n, seed=seed, workers=workers)
+
+
+def make_dataset(n: int, path: Path, seed: int = 1, crops: str = "pipeline") -> Path:
+    """Write ``n`` simulated blood-mix crops to ``path`` (``.rtdc``) unless it exists.
+
+    ``crops="pipeline"`` (default): cells cut by the live acquisition path from simulated
+    flow (what the worker sees in a live run); ``"isolated"``: objects rendered alone
+    (``make_crop_dataset``), the older, easier check.
+    """
     from leukoflow.rtdc import write_crop_dataset
 
+    if crops not in ("pipeline", "isolated"):
+        raise ValueError(f"crops must be 'pipeline' or 'isolated', got {crops!r}")
     if not path.exists():
-        d = _blood_mix_crops(n, seed)
+        d = _pipeline_crops(n, seed) if crops == "pipeline" else _blood_mix_crops(n, seed)
         write_crop_dataset(path, d["x"], d["y"], d["kind"], d["features"])
     return path
 
 
 def inference_path(n: int, workdir: Path, seed: int = 1,
-                   data: Path | None = None) -> dict[str, Any]:
+                   data: Path | None = None, crops: str = "pipeline") -> dict[str, Any]:
     """Replay ``n`` simulated crops through one worker into the collector, max speed."""
-    path = data or make_dataset(n, workdir / f"crops-{n}-{seed}.rtdc", seed)
+    path = data or make_dataset(n, workdir / f"crops-{crops}-{n}-{seed}.rtdc", seed, crops)
     s = _cli_json("replay", str(path), "--json", "--out", str(workdir / f"replay-{n}"),
                   *_ports())
     return s
@@ -132,14 +150,14 @@ def e2e_run(duration_s: float, workdir: Path) -> dict[str, Any]:
 
 
 def accuracy(n_cells: int, workdir: Path | None = None,
-             data: Path | None = None) -> dict[str, Any]:
+             data: Path | None = None, crops: str = "pipeline") -> dict[str, Any]:
     """Live differential vs ground truth on ``n_cells`` simulated cells (see module doc).
 
     ``data`` reuses a dataset written by :func:`make_dataset` (generation takes minutes).
     """
     workdir = workdir or Path(tempfile.mkdtemp(prefix="bench_e2e_"))
     t0 = time.monotonic()
-    s = inference_path(n_cells, workdir, seed=7, data=data)
+    s = inference_path(n_cells, workdir, seed=7, data=data, crops=crops)
     truth = s.get("truth") or {}
     errs = {k: v["error_pp"] for k, v in (truth.get("classes") or {}).items()}
     finite = [abs(v) for v in errs.values() if v is not None]
@@ -152,7 +170,7 @@ def accuracy(n_cells: int, workdir: Path | None = None,
         for k, v in (truth.get("classes") or {}).items():
             if ptot > 0 and v.get("fraction") is not None:
                 prob_err[k] = 100.0 * (pc[k] / ptot - v["fraction"])
-    return {"cells": n_cells, "emitted": s["accounting"]["emitted"],
+    return {"cells": n_cells, "crops": crops, "emitted": s["accounting"]["emitted"],
             "probabilistic_error_pp": prob_err,
             "balanced": s["accounting"]["balanced"], "accounting": s["accounting"],
             "error_pp": errs, "max_abs_error_pp": max(finite) if finite else None,
@@ -209,13 +227,14 @@ def run(quick: bool = False, accuracy_cells: int | None = None) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    if "--make-data" in sys.argv:  # --make-data N PATH
+    kind = sys.argv[sys.argv.index("--crops") + 1] if "--crops" in sys.argv else "pipeline"
+    if "--make-data" in sys.argv:  # --make-data N PATH [--crops pipeline|isolated]
         i = sys.argv.index("--make-data")
-        print(make_dataset(int(sys.argv[i + 1]), Path(sys.argv[i + 2]), seed=7))
-    elif "--accuracy" in sys.argv:  # --accuracy N [--data PATH]
+        print(make_dataset(int(sys.argv[i + 1]), Path(sys.argv[i + 2]), seed=7, crops=kind))
+    elif "--accuracy" in sys.argv:  # --accuracy N [--data PATH] [--crops ...]
         n = int(sys.argv[sys.argv.index("--accuracy") + 1])
         data = Path(sys.argv[sys.argv.index("--data") + 1]) if "--data" in sys.argv else None
-        res = accuracy(n, data=data)
+        res = accuracy(n, data=data, crops=kind)
         print(json.dumps(res, indent=1, default=str) if "--json" in sys.argv else
               f"{n} cells: max |error| {res['max_abs_error_pp']} pp, balanced "
               f"{res['balanced']}, errors {res['error_pp']}, {res['cells_per_s']:.0f} cells/s")

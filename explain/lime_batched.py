@@ -10,8 +10,12 @@ The per-superpixel coefficients of each segmentation are painted onto the pixels
 normalised by their largest magnitude, and fused into a mean map and a per-pixel standard
 deviation ("stability") map across segmentations.
 
-Everything runs in torch on the model's device, so the same code is the CPU path and the
-GPU path; :func:`explain_many` puts the perturbations of several cells into one forward.
+With a model on a GPU (or ``engine="torch"``) everything runs in torch on the model's
+device and :func:`explain_many` puts the perturbations of several cells into one forward
+stream. On the CPU the perturbation batches of each (cell, segmentation) are built in small
+reused buffers and scored by ONNX Runtime, running the convolutional trunk only on the
+window whose outputs a perturbation can change (:mod:`explain.ort_engine`); the scores
+equal the full forward to float32 rounding.
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ class LimeParams:
     seed : int
         Seed of the perturbation sampler (combined with the cell id and segmentation).
     batch_size : int
-        Perturbed crops per forward pass (128 is fastest on one CPU thread; use
-        thousands on a GPU).
+        Perturbed crops per forward pass (16-64 are fastest with ONNX Runtime on one CPU
+        thread, measured in ``benchmarks/bench_explain.py``; use thousands on a GPU).
     engine : str
         Forward engine of the perturbation batches: ``torch``, ``onnxruntime`` (CPU; an
-        in-memory export of the model) or ``auto`` (onnxruntime when the model is on the
-        CPU and the export works, else torch). Both give the same scores to ~1e-7.
+        in-memory export of the model, with the windowed trunk of
+        :mod:`explain.ort_engine` when the model allows it), ``onnxruntime-full`` (CPU;
+        the whole model on every full crop, the reference of the windowed trunk) or
+        ``auto`` (onnxruntime when the model is on the CPU and the export works, else
+        torch). All give the same scores to float32 rounding (~1e-6).
     slic : SlicParams
         Superpixel parameters.
     """
@@ -67,7 +74,7 @@ class LimeParams:
     ridge_alpha: float = 1.0
     baseline: float | None = 0.0
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int = 32
     engine: str = "auto"
     slic: SlicParams = field(default_factory=SlicParams)
 
@@ -173,23 +180,32 @@ def score_outputs(logits: torch.Tensor, target: Target) -> torch.Tensor:
     return torch.softmax(logits, dim=1)[:, int(target)]
 
 
+def _ort(module: torch.nn.Module, engine: str, device: torch.device,
+         shape: tuple[int, ...]) -> Any | None:
+    """The cached ONNX Runtime scorer when ``engine`` asks for it (None: use torch)."""
+    if engine not in ("auto", "torch", "onnxruntime", "onnxruntime-full"):
+        raise ValueError(f"unknown LIME engine {engine!r}")
+    if engine == "torch" or device.type != "cpu":
+        if engine.startswith("onnxruntime"):
+            raise RuntimeError("onnxruntime engine requested for a model not on the CPU")
+        return None
+    from explain.ort_engine import ort_scorer
+
+    sc = ort_scorer(module, (int(shape[0]), int(shape[1])), window=engine != "onnxruntime-full")
+    if sc is None and engine != "auto":
+        raise RuntimeError("onnxruntime engine requested but unavailable")
+    return sc
+
+
 @torch.no_grad()
 def _forward_scores(module: torch.nn.Module, crops: torch.Tensor, targets: torch.Tensor | None,
                     target: Target | None, batch_size: int, engine: str = "torch"
                     ) -> torch.Tensor:
-    sess = None
-    if engine in ("auto", "onnxruntime") and crops.device.type == "cpu":
-        from explain.ort_engine import ort_session
-
-        sess = ort_session(module, tuple(crops.shape[1:]))
-        if sess is None and engine == "onnxruntime":
-            raise RuntimeError("onnxruntime engine requested but unavailable")
+    sc = _ort(module, engine, crops.device, tuple(crops.shape[1:]))
     out = []
     for i in range(0, crops.shape[0], batch_size):
-        if sess is not None:
-            from explain.ort_engine import ort_logits
-
-            z = ort_logits(sess, crops[i:i + batch_size].numpy(), batch_size)
+        if sc is not None:
+            z = torch.from_numpy(sc.logits(crops[i:i + batch_size].numpy(), batch_size))
         else:
             z = module(crops[i:i + batch_size].unsqueeze(1))
         if targets is None:
@@ -222,7 +238,8 @@ def _rng(seed: int, cell_key: int, m: int) -> np.random.Generator:
 
 def lime_coefficients(module: torch.nn.Module, x: np.ndarray, seg: np.ndarray, z: np.ndarray,
                       target: Target, params: LimeParams = LimeParams(),
-                      baseline: float = 0.0) -> tuple[np.ndarray, float, float, np.ndarray]:
+                      baseline: float = 0.0, engine: str = "torch"
+                      ) -> tuple[np.ndarray, float, float, np.ndarray]:
     """LIME for one crop and one segmentation with given perturbations (test oracle entry).
 
     Parameters
@@ -237,6 +254,13 @@ def lime_coefficients(module: torch.nn.Module, x: np.ndarray, seg: np.ndarray, z
         Binary perturbation vectors.
     target : int or (int, int)
         See :data:`Target`.
+    params : LimeParams
+        Kernel width, ridge penalty and batch size are used.
+    baseline : float
+        Value of switched-off superpixels [rad].
+    engine : str
+        ``torch`` (eager, full crops) or ``onnxruntime``/``auto`` (the CPU scorer of
+        :func:`explain_many`, windowed trunk included).
 
     Returns
     -------
@@ -247,8 +271,14 @@ def lime_coefficients(module: torch.nn.Module, x: np.ndarray, seg: np.ndarray, z
     xt = torch.as_tensor(np.asarray(x, np.float32), device=dev)
     st = torch.as_tensor(np.asarray(seg, np.int64), device=dev)
     zt = torch.as_tensor(np.asarray(z), device=dev)
-    crops = perturb(xt, st, zt, baseline)
-    y = _forward_scores(module, crops, None, target, params.batch_size)
+    sc = _ort(module, engine, dev, xt.shape)
+    if sc is not None:
+        y = score_outputs(torch.from_numpy(sc.perturbed_logits(
+            np.asarray(x, np.float32), np.asarray(seg, np.int64), np.asarray(z), baseline,
+            params.batch_size)), target)
+    else:
+        y = _forward_scores(module, perturb(xt, st, zt, baseline), None, target,
+                            params.batch_size)
     w = cosine_kernel(zt, params.kernel_width)
     coef, icpt, r2 = weighted_ridge(zt, y, w, params.ridge_alpha)
     return coef.cpu().numpy(), icpt, r2, y.cpu().numpy()
@@ -287,7 +317,9 @@ def explain_many(module: torch.nn.Module, crops: np.ndarray, targets: Sequence[T
     segments : optional
         Precomputed segmentations per crop (skips SLIC), each a list of id maps.
     timings : dict, optional
-        Filled with ``segment_s``, ``forward_s`` and ``fit_s`` [s].
+        Filled with the time per stage [s]: ``segment_s`` (cell mask and SLIC),
+        ``sample_s`` (perturbation vectors), ``perturb_s`` (perturbed crops),
+        ``forward_s`` (model and scores) and ``fit_s`` (kernel, ridge and fusion).
 
     Returns
     -------
@@ -313,22 +345,44 @@ def explain_many(module: torch.nn.Module, crops: np.ndarray, targets: Sequence[T
         all_segs.append(segs)
         masks.append(mask)
     t1 = time.perf_counter()
-    # build all perturbations (cell-major, segmentation-minor)
-    blocks, zs, tgt_rows = [], [], []
-    for i, x in enumerate(crops):
-        xt = torch.as_tensor(x, device=dev)
-        tgt = targets[i]
-        row = (int(tgt[0]), int(tgt[1])) if isinstance(tgt, tuple | list) else (int(tgt), -1)
-        for m, s in enumerate(all_segs[i]):
-            k = int(s.max()) + 1
-            z = sample_masks(k, params.n_samples, params.keep_prob, _rng(params.seed, keys[i], m))
-            zt = torch.as_tensor(z, device=dev)
-            zs.append(zt)
-            blocks.append(perturb(xt, torch.as_tensor(s, device=dev), zt, baselines[i]))
-            tgt_rows.append(torch.tensor([row], device=dev).expand(params.n_samples, 2))
-    batch = torch.cat(blocks)
-    y_all = _forward_scores(module, batch, torch.cat(tgt_rows), None, params.batch_size,
-                            params.engine)
+    stage = {"sample_s": 0.0, "perturb_s": 0.0, "forward_s": 0.0}
+    sc = _ort(module, params.engine, dev, crops.shape[1:])
+    zs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    if sc is not None:  # CPU: stream each (cell, segmentation) through ONNX Runtime
+        for i, x in enumerate(crops):
+            for m, s in enumerate(all_segs[i]):
+                ta = time.perf_counter()
+                z = sample_masks(int(s.max()) + 1, params.n_samples, params.keep_prob,
+                                 _rng(params.seed, keys[i], m))
+                stage["sample_s"] += time.perf_counter() - ta
+                logits = sc.perturbed_logits(x, s, z, baselines[i], params.batch_size, stage)
+                ta = time.perf_counter()
+                ys.append(score_outputs(torch.from_numpy(logits), targets[i]))
+                zs.append(torch.from_numpy(z))
+                stage["forward_s"] += time.perf_counter() - ta
+    else:  # torch: all perturbations of all cells in one batched stream (GPU path)
+        blocks, tgt_rows = [], []
+        for i, x in enumerate(crops):
+            xt = torch.as_tensor(x, device=dev)
+            tgt = targets[i]
+            row = (int(tgt[0]), int(tgt[1])) if isinstance(tgt, tuple | list) else (int(tgt), -1)
+            for m, s in enumerate(all_segs[i]):
+                ta = time.perf_counter()
+                z = sample_masks(int(s.max()) + 1, params.n_samples, params.keep_prob,
+                                 _rng(params.seed, keys[i], m))
+                zt = torch.as_tensor(z, device=dev)
+                tb = time.perf_counter()
+                zs.append(zt)
+                blocks.append(perturb(xt, torch.as_tensor(s, device=dev), zt, baselines[i]))
+                tgt_rows.append(torch.tensor([row], device=dev).expand(params.n_samples, 2))
+                stage["sample_s"] += tb - ta
+                stage["perturb_s"] += time.perf_counter() - tb
+        ta = time.perf_counter()
+        y_all = _forward_scores(module, torch.cat(blocks), torch.cat(tgt_rows), None,
+                                params.batch_size, "torch")
+        ys = list(torch.split(y_all, params.n_samples))
+        stage["forward_s"] += time.perf_counter() - ta
     t2 = time.perf_counter()
     results = []
     j = 0
@@ -336,8 +390,7 @@ def explain_many(module: torch.nn.Module, crops: np.ndarray, targets: Sequence[T
         coefs, icpts, r2s = [], [], []
         for _m in range(len(all_segs[i])):
             zt = zs[j]
-            y = y_all[j * params.n_samples:(j + 1) * params.n_samples]
-            coef, icpt, r2 = weighted_ridge(zt, y, cosine_kernel(zt, params.kernel_width),
+            coef, icpt, r2 = weighted_ridge(zt, ys[j], cosine_kernel(zt, params.kernel_width),
                                             params.ridge_alpha)
             coefs.append(coef.cpu().numpy())
             icpts.append(icpt)
@@ -347,7 +400,7 @@ def explain_many(module: torch.nn.Module, crops: np.ndarray, targets: Sequence[T
         results.append(LimeResult(mean, std, coefs, icpts, r2s, all_segs[i], masks[i],
                                   targets[i]))
     if timings is not None:
-        timings.update(segment_s=t1 - t0, forward_s=t2 - t1, fit_s=time.perf_counter() - t2)
+        timings.update(segment_s=t1 - t0, **stage, fit_s=time.perf_counter() - t2)
     return results
 
 

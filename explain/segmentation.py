@@ -123,13 +123,24 @@ def slic_segments(x: np.ndarray, n_segments: int, mask: np.ndarray, *, compactne
     ndarray of int64 (H, W)
         Segment ids 0..K-1 (0 = background), contiguous.
     """
-    from skimage.segmentation import slic
-
     x = np.asarray(x, dtype=np.float64)
     bg = border_background(x) if background is None else background
-    dev = x - bg
+    return _slic_scaled(_scaled_deviation(x, mask, bg), int(n_segments), mask, compactness,
+                        sigma)
+
+
+def _scaled_deviation(x: np.ndarray, mask: np.ndarray, background: float) -> np.ndarray:
+    """SLIC input: deviation from the background / its 99th percentile inside the mask."""
+    dev = np.asarray(x, dtype=np.float64) - background
     scale = float(np.percentile(np.abs(dev[mask]), 99)) if mask.any() else 0.0
-    img = dev / scale if scale > 0 else dev
+    return dev / scale if scale > 0 else dev
+
+
+def _slic_scaled(img: np.ndarray, n_segments: int, mask: np.ndarray, compactness: float,
+                 sigma: float) -> np.ndarray:
+    """maskSLIC on the scaled crop, background 0, ids made contiguous."""
+    from skimage.segmentation import slic
+
     if mask.sum() < 2:
         seg = mask.astype(np.int64)
     else:
@@ -153,6 +164,7 @@ def multi_slic(x: np.ndarray, params: SlicParams = SlicParams(),
     """
     bg = border_background(x) if background is None else background
     mask = cell_mask(x, bg, params.min_contrast)
-    segs = [slic_segments(x, n, mask, compactness=params.compactness, sigma=params.sigma,
-                          background=bg) for n in params.n_segments]
+    img = _scaled_deviation(x, mask, bg)  # shared by the granularities
+    segs = [_slic_scaled(img, int(n), mask, params.compactness, params.sigma)
+            for n in params.n_segments]
     return segs, mask

@@ -78,3 +78,37 @@ def train_small(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 12,
         z = net(torch.from_numpy(xn[va])).numpy()
     t = fit_temperature(z, y[va])
     return ModelBundle.from_module(net, mean=mean, std=std, temperature=t, name=name)
+
+
+def explainer_process(cfg: dict, ready: object, stop: object, out: object = None) -> None:
+    """Run an :class:`~explain.service.ExplainService` in this (child) process (benchmarks).
+
+    Sets ``ready`` once the model is loaded and warmed up, stops when ``stop`` is set and
+    puts the service's final counters on the queue ``out``.
+
+    Parameters
+    ----------
+    cfg : dict
+        :class:`~explain.service.ExplainConfig` fields (tuples may arrive as lists).
+    ready, stop : multiprocessing.Event
+    out : multiprocessing.Queue, optional
+    """
+    import time
+
+    import torch
+
+    from explain.service import ExplainConfig, ExplainService
+
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    svc = ExplainService(ExplainConfig(**cfg))
+    svc.lower_priority()  # as ``run_forever`` in production
+    svc.start()
+    end = time.monotonic() + 300
+    while not (svc.health is not None and svc.health.ready) and time.monotonic() < end:
+        time.sleep(0.05)
+    ready.set()  # type: ignore[attr-defined]
+    stop.wait(900)  # type: ignore[attr-defined]
+    st = svc.stop()
+    if out is not None:
+        out.put(st)  # type: ignore[attr-defined]

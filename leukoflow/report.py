@@ -105,7 +105,10 @@ def fig_differential(summary: Mapping[str, Any], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = np.arange(len(names))
     ax.bar(x, frac, color="#4c6ef5", alpha=0.8, label="differential (prior-shift corrected)")
-    ax.errorbar(x, frac, yerr=[frac - lo, hi - frac], fmt="none", ecolor="k", capsize=5,
+    # a bootstrap percentile interval need not contain the point estimate (few cells, an
+    # estimate at 0 %): draw the part of the interval on each side, never a negative length
+    yerr = [np.clip(frac - lo, 0.0, None), np.clip(hi - frac, 0.0, None)]
+    ax.errorbar(x, frac, yerr=yerr, fmt="none", ecolor="k", capsize=5,
                 label="95 % interval")
     ax.scatter(x, counted, marker="_", s=300, color="#495057", zorder=3,
                label="counted cells (argmax)")

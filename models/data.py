@@ -12,6 +12,12 @@ Sources (``load_splits(spec)``):
 * ``sim`` or ``sim:<n_per_class>``: the simulated instrument
   (``acquisition.sim.make_crop_dataset(..., through_hologram=True)``), generated
   deterministically; test cells come from an independent simulator seed.
+* ``simflow`` or ``simflow:<n_per_class>[:<ood_per_kind>]``: crops as the live acquisition
+  path cuts them (``acquisition.pipeline_dataset.make_pipeline_dataset``: simulated flow ->
+  reconstruction -> segmentation -> gates -> tracking -> crops, labelled by the ground truth
+  each emitted cell was traced to). The OOD objects go through the same path with the
+  quality gates opened, so every kind reaches the classifier (the worst case: a gate
+  missed it). This is what the shipped simulated-instrument models train on.
 
 Augmentation (:class:`Augment`) only moves pixels or adds noise: random 90-degree rotations,
 flips, small integer shifts (circular, the crop border is background) and additive Gaussian
@@ -146,16 +152,33 @@ def _sim_cache_path(args: dict[str, Any]) -> Path | None:
     import acquisition.sim as simpkg
 
     h = hashlib.sha256(repr(sorted(args.items())).encode())
-    for f in sorted(Path(simpkg.__file__).parent.glob("*.py")):
+    src = Path(simpkg.__file__).parent
+    files = sorted(src.glob("*.py"))
+    if args.get("through_pipeline"):
+        # crop content: the simulator, reconstruction and crop cutting, plus the declared
+        # version of the dataset builder (segmentation/tracking edits that change *which*
+        # cells are emitted are not in the key: clear the cache or bump DATASET_VERSION)
+        from acquisition.pipeline_dataset import DATASET_VERSION
+
+        h.update(f"pipeline_dataset v{DATASET_VERSION}".encode())
+        files += sorted((src.parent / "reconstruct").glob("*.py"))
+        files.append(src.parent / "crops.py")
+    for f in files:
         h.update(f.read_bytes())
     return Path(root) / f"sim-{h.hexdigest()[:20]}.npz"
 
 
-def _simulate(n_per_class: int, ood_per_kind: int, seed: int) -> dict[str, Any]:
-    """``make_crop_dataset(..., through_hologram=True)`` with an on-disk cache (npz, no pickle)."""
-    from acquisition.sim import make_crop_dataset
+def _simulate(n_per_class: int, ood_per_kind: int, seed: int,
+              through_pipeline: bool = False) -> dict[str, Any]:
+    """Simulated crops with an on-disk cache (npz, no pickle).
 
-    args = {"n_per_class": n_per_class, "ood_per_kind": ood_per_kind, "seed": seed}
+    ``make_crop_dataset(..., through_hologram=True)`` or, with ``through_pipeline``,
+    ``make_pipeline_dataset`` (OOD objects with the quality gates opened).
+    """
+    args: dict[str, Any] = {"n_per_class": n_per_class, "ood_per_kind": ood_per_kind,
+                            "seed": seed}
+    if through_pipeline:
+        args["through_pipeline"] = True
     cache = _sim_cache_path(args)
     if cache is not None and cache.is_file():
         try:
@@ -164,7 +187,12 @@ def _simulate(n_per_class: int, ood_per_kind: int, seed: int) -> dict[str, Any]:
                         "features": {k[2:]: z[k] for k in z.files if k.startswith("f_")}}
         except (OSError, ValueError, KeyError):
             pass
-    d = make_crop_dataset(n_per_class, ood_per_kind, seed, through_hologram=True)
+    if through_pipeline:
+        d = _pipeline_data(n_per_class, ood_per_kind, seed)
+    else:
+        from acquisition.sim import make_crop_dataset
+
+        d = make_crop_dataset(n_per_class, ood_per_kind, seed, through_hologram=True)
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -188,23 +216,82 @@ def simulate_splits(n_per_class: int = 1000, ood_per_kind: int = 200, seed: int 
     in ``$LEUKOFLOW_SIM_CACHE`` (default ``~/.cache/leukoflow/sim``; ``off`` disables),
     keyed by the arguments and the simulator's source code.
     """
-    from leukoflow.physics import Optics
-
     a = _simulate(n_per_class, 0, seed)
     b = _simulate(max(1, round(test_fraction * n_per_class)), ood_per_kind, seed + 1000)
+    return _sim_splits(a, b, seed, {
+        "generator": "acquisition.sim.make_crop_dataset", "n_per_class": n_per_class,
+        "ood_per_kind": ood_per_kind, "seed": seed, "test_seed": seed + 1000,
+        "through_hologram": True, "train_val_split": "85/15 stratified"})
+
+
+def _sim_splits(a: dict[str, Any], b: dict[str, Any], seed: int,
+                source: dict[str, Any]) -> Splits:
+    """Splits from a train/val generation ``a`` and an independent test + OOD one ``b``."""
+    from leukoflow.physics import Optics
+
     full = Split(a["x"], a["y"], a["kind"])
     ido = np.flatnonzero(full.y >= 0)
     tr, va, _ = stratified_split(full.y[ido], (0.85, 0.15, 0.0), seed)
     bs = Split(b["x"], b["y"], b["kind"])
     oodi = np.flatnonzero(bs.y < 0)
-    px = float(Optics().pixel_um)
     return Splits(full.subset(ido[tr]), full.subset(ido[va]),
                   bs.subset(np.flatnonzero(bs.y >= 0)), bs.subset(oodi), tuple(CLASS_NAMES),
-                  px, "rad",
-                  {"generator": "acquisition.sim.make_crop_dataset", "n_per_class": n_per_class,
-                   "ood_per_kind": ood_per_kind, "seed": seed, "test_seed": seed + 1000,
-                   "through_hologram": True, "train_val_split": "85/15 stratified"},
+                  float(Optics().pixel_um), "rad", source,
                   {k: np.asarray(v)[oodi] for k, v in b.get("features", {}).items()})
+
+
+#: Quality gates opened for the OOD objects of ``simflow`` (every kind reaches the model).
+OPEN_GATES: dict[str, Any] = {"min_area_um": 0.5, "max_area_um": 1.0e4, "min_solidity": 0.0,
+                              "max_eccentricity": 1.0, "max_peaks": 10**6,
+                              "max_amp_std": 1.0e9}
+
+
+def _pipeline_data(n_per_class: int, ood_per_kind: int, seed: int) -> dict[str, Any]:
+    """Leukocytes through the default pipeline; OOD objects with :data:`OPEN_GATES`."""
+    import os
+
+    from acquisition.pipeline_dataset import make_pipeline_dataset
+
+    workers = max(1, int(os.environ.get("LEUKOFLOW_SIM_WORKERS", "1")))
+    a = make_pipeline_dataset(n_per_class, 0, seed, workers=workers)
+    if not ood_per_kind:
+        return a
+    b = make_pipeline_dataset(0, ood_per_kind, seed, workers=workers, pipeline=OPEN_GATES)
+    return {"x": np.concatenate([a["x"], b["x"]]), "y": np.concatenate([a["y"], b["y"]]),
+            "kind": list(a["kind"]) + list(b["kind"]),
+            "features": {k: np.concatenate([a["features"][k], b["features"][k]])
+                         for k in a["features"]}}
+
+
+def simflow_splits(n_per_class: int = 1000, ood_per_kind: int = 200, seed: int = 0,
+                   test_fraction: float = 0.4) -> Splits:
+    """Simulated dataset cut by the acquisition pipeline (see module docstring).
+
+    Train/val (85 / 15 % stratified) from ``n_per_class`` cells per class of simulator
+    seed ``seed``; test cells (``round(test_fraction * n_per_class)`` per class) and OOD
+    objects from the independent seed ``seed + 1000``. Cached like :func:`simulate_splits`
+    (keyed by the whole ``acquisition`` package source). ``LEUKOFLOW_SIM_WORKERS`` sets the
+    number of generating processes (the arrays do not depend on it).
+    """
+    a = _simulate(n_per_class, 0, seed, through_pipeline=True)
+    b = _simulate(max(1, round(test_fraction * n_per_class)), ood_per_kind, seed + 1000,
+                  through_pipeline=True)
+    return _sim_splits(a, b, seed, {
+        "generator": "acquisition.pipeline_dataset.make_pipeline_dataset",
+        "n_per_class": n_per_class, "ood_per_kind": ood_per_kind, "seed": seed,
+        "test_seed": seed + 1000, "test_fraction": test_fraction, "through_pipeline": True,
+        "ood_gates": "opened (OPEN_GATES)", "train_val_split": "85/15 stratified"})
+
+
+def _sim_spec(s: str) -> tuple[str, int, int] | None:
+    """Parse ``sim[:n[:ood]]`` / ``simflow[:n[:ood]]`` -> (kind, n, ood), else None."""
+    head = s.split(":")[0]
+    if head not in ("sim", "simflow"):
+        return None
+    parts = s.split(":")[1:]
+    n = int(parts[0]) if parts else 1000
+    n_ood = int(parts[1]) if len(parts) > 1 else 200
+    return head, n, n_ood
 
 
 def load_splits(spec: str | Path, seed: int = 0,
@@ -214,19 +301,18 @@ def load_splits(spec: str | Path, seed: int = 0,
     Parameters
     ----------
     spec : str or Path
-        ``sim``, ``sim:<n_per_class>``, ``sim:<n_per_class>:<ood_per_kind>``, or a path to an
-        ``.npz`` / ``.rtdc`` file.
+        ``sim[:<n_per_class>[:<ood_per_kind>]]``, ``simflow[:...]`` (same, cut by the
+        acquisition pipeline), or a path to an ``.npz`` / ``.rtdc`` file.
     seed : int
         Seed of the stratified split (and of the simulator for ``sim``).
     fractions : tuple
         train/val/test fractions for flat datasets.
     """
     s = str(spec)
-    if s == "sim" or s.startswith("sim:"):
-        parts = s.split(":")[1:]
-        n = int(parts[0]) if parts else 1000
-        n_ood = int(parts[1]) if len(parts) > 1 else 200
-        return simulate_splits(n, n_ood, seed)
+    sim = _sim_spec(s)
+    if sim is not None:
+        kind, n, n_ood = sim
+        return (simflow_splits if kind == "simflow" else simulate_splits)(n, n_ood, seed)
     p = Path(s).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"dataset not found: {p}")
@@ -261,7 +347,7 @@ def load_eval_set(spec: str | Path, seed: int = 0) -> tuple[Split, Split | None,
     set. Any other ``.npz``/``.rtdc``: every row (the whole file is treated as a test set).
     """
     s = str(spec)
-    if s == "sim" or s.startswith("sim:"):
+    if _sim_spec(s) is not None:
         sp = load_splits(s, seed)
         return sp.test, sp.ood, {**sp.source, "ood_features": sp.ood_features}
     p = Path(s).expanduser()

@@ -9,9 +9,13 @@ Usage::
     python -m models.make_artifacts --reduced-ref  # re-record the reduced-budget reference
 
 Every artifact is produced by one ``leukoflow train`` command (recorded verbatim in its
-card). ``--data sim:3000:200`` generates the simulated dataset deterministically
-(``acquisition.sim.make_crop_dataset``; 3000 cells per class for train/val, an independent
-seed for 600 test cells per class and 200 objects per OOD kind). After ``lenet5-sim`` the
+card). ``--data simflow:2500:200`` generates the simulated dataset deterministically, cut
+by the live acquisition path (``acquisition.pipeline_dataset.make_pipeline_dataset``: flow
+simulator -> reconstruction -> segmentation -> gates -> tracking -> crops; 2500 cells per
+class for train/val, an independent seed for 1000 test cells per class and 200 objects per
+OOD kind, which pass the same path with the quality gates opened). Generation takes
+~30 CPU-minutes; ``LEUKOFLOW_SIM_WORKERS=N`` spreads it over N processes and the arrays are
+cached (``LEUKOFLOW_SIM_CACHE``). After ``lenet5-sim`` the
 reduced-budget reference (:data:`REDUCED`) is trained and its test accuracy stored in the
 card under ``reproduction``; ``tests/test_models_repro.py`` reruns that command and
 compares, and ``benchmarks/bench_models.py`` reruns the full command with its time.
@@ -30,16 +34,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ART = "models/artifacts"
 PBC = "../shared/data/real/pbc-4class-64/pbc64.npz"
-SIM = "sim:3000:200"
+SIM = "simflow:2500:200"
 
 COMMANDS: dict[str, list[str]] = {
-    "lenet5-sim": ["--data", SIM, "--arch", "lenet5", "--seed", "0", "--epochs", "8",
-                   "--patience", "3", "--out", f"{ART}/lenet5-sim"],
+    "lenet5-sim": ["--data", SIM, "--arch", "lenet5", "--ood", "mahalanobis", "--seed", "0",
+                   "--epochs", "15", "--patience", "4", "--out", f"{ART}/lenet5-sim"],
     "alexnet-sim": ["--data", SIM, "--arch", "alexnet", "--arch-kwarg", "width=0.25",
-                    "--arch-kwarg", "hidden=256", "--seed", "0", "--epochs", "4",
-                    "--patience", "2", "--out", f"{ART}/alexnet-sim"],
+                    "--arch-kwarg", "hidden=256", "--seed", "0", "--epochs", "10",
+                    "--patience", "3", "--out", f"{ART}/alexnet-sim"],
     "lenet5-vi-sim": ["--data", SIM, "--arch", "lenet5_vi", "--ood", "knn", "--seed", "0",
-                      "--epochs", "8", "--patience", "3", "--out", f"{ART}/lenet5-vi-sim"],
+                      "--epochs", "15", "--patience", "4", "--out", f"{ART}/lenet5-vi-sim"],
     # PBC (real data, cards only): trained on a lent NVIDIA H100 with --device cuda
     # (benchmarks/gpu_train_pbc.sh, ~35 s each); on a CPU drop --device (~60 s/epoch for AlexNet)
     "lenet5-pbc": ["--data", PBC, "--arch", "lenet5", "--lr", "0.001", "--ood", "mahalanobis",
@@ -51,7 +55,7 @@ COMMANDS: dict[str, list[str]] = {
 }
 """Artifact name -> ``leukoflow train`` arguments (run from the repository root)."""
 
-REDUCED: list[str] = ["--data", "sim:100:10", "--arch", "lenet5", "--seed", "0", "--epochs",
+REDUCED: list[str] = ["--data", "simflow:100:10", "--arch", "lenet5", "--seed", "0", "--epochs",
                       "3", "--patience", "3", "--n-boot", "200", "--knn-bank", "200"]
 """Reduced-budget version of the lenet5-sim command (test of reproducibility)."""
 

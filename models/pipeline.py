@@ -32,12 +32,22 @@ DEFAULT_DETECTORS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "rmds", "k
 
 def model_card_text(name: str, arch: str, splits: Splits) -> dict[str, str]:
     """The human part of a card: intended use, data, limitations."""
-    sim = splits.source.get("generator") == "acquisition.sim.make_crop_dataset"
-    if sim:
+    gen = splits.source.get("generator")
+    if gen == "acquisition.pipeline_dataset.make_pipeline_dataset":
+        data = ("Simulated off-axis QPI phase crops (64 x 64 px at "
+                f"{splits.pixel_size_um} µm/px, rad) of the four leukocyte classes, cut by the "
+                "live acquisition path (flow simulator frames -> reconstruction -> "
+                "segmentation -> quality gates -> tracking -> crop), each labelled by the "
+                "ground truth it was traced to; test cells and OOD objects (gates opened) "
+                "from an independent simulator seed.")
+    elif gen == "acquisition.sim.make_crop_dataset":
         data = ("Simulated off-axis QPI phase crops (64 x 64 px at "
                 f"{splits.pixel_size_um} µm/px, rad) of the four leukocyte classes, rendered "
                 "through the hologram + reconstruction path of acquisition.sim; test cells and "
                 "OOD objects from an independent simulator seed.")
+    sim = gen in ("acquisition.sim.make_crop_dataset",
+                  "acquisition.pipeline_dataset.make_pipeline_dataset")
+    if sim:
         use = ("Default classifier of the leukoflow live pipeline on the simulated instrument; "
                "demonstration and integration testing. Not for clinical use.")
         lim = ("Trained on simulated cells only: performance on real instruments is unknown "

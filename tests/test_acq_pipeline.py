@@ -97,7 +97,10 @@ def test_params_record_every_stage():
 
 @pytest.mark.slow
 def test_simulated_run_yield_duplicates_phase_error_traceability():
-    src = create_source("sim", seed=21)
+    from acquisition.sim import SimConfig
+
+    # the former dense default (1.5 objects per field): many coincidences per frame
+    src = create_source("sim", seed=21, config=SimConfig(seed=21, concentration=1.5))
     src.open()
     pipe = AcquisitionPipeline(background=src.background)
     sc = TruthScorer(pixel_um=pipe.pixel_um, true_phase=src.true_phase)

@@ -66,7 +66,11 @@ def test_bad_frames_rejected_and_backpressure_counted_service_keeps_running():
     coll = transport.make_socket(ctx, "PULL", coll_ep, bind=True)
     cfg = AcquireConfig(frames=60, metrics_port=0, collector_endpoint=coll_ep,
                         crops_endpoint=f"tcp://127.0.0.1:{free_port()}", sndhwm=2)
-    svc = AcquireService(cfg, source=FaultySim(seed=4))
+    from acquisition.sim import SimConfig
+
+    # dense (1.5 objects per field) so that 60 frames hold crops to drop
+    svc = AcquireService(cfg, source=FaultySim(seed=4, config=SimConfig(seed=4,
+                                                                       concentration=1.5)))
     try:
         final = svc.run()  # nobody pulls crops: every crop message is a counted drop
         msgs = []

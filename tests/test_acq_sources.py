@@ -21,6 +21,9 @@ def test_registry_and_spec_parsing():
     assert {"sim", "file", "opencv", "genicam"} <= set(SOURCES.names())
     assert parse_source_spec("sim") == ("sim", {})
     assert parse_source_spec("sim:7") == ("sim", {"seed": 7})
+    assert parse_source_spec("sim:7:0.3") == ("sim", {"seed": 7, "concentration": 0.3})
+    with pytest.raises(SourceError, match="CONCENTRATION"):
+        parse_source_spec("sim:7:dense")
     assert parse_source_spec("file:/x/y.rtdc") == ("file", {"path": "/x/y.rtdc"})
     assert parse_source_spec("camera:opencv:2") == ("opencv", {"device": "2"})
     assert parse_source_spec("camera:genicam") == ("genicam", {})

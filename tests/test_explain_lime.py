@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -83,8 +85,11 @@ def test_weighted_ridge_equals_sklearn():
     assert r2 == pytest.approx(ref.score(z, y, sample_weight=w))
 
 
-def test_batched_lime_agrees_with_captum_lime(bundle, crops):
-    """Same masks, same perturbation samples, same kernel and ridge surrogate as Captum."""
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_batched_lime_agrees_with_captum_lime(bundle, crops, engine):
+    """Same masks, same perturbation samples, same kernel and ridge surrogate as Captum.
+
+    ``onnxruntime`` is the CPU engine of :func:`explain_many` (windowed trunk)."""
     from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import Lime
 
@@ -94,7 +99,7 @@ def test_batched_lime_agrees_with_captum_lime(bundle, crops):
     for m, seg in enumerate(segs):
         k = int(seg.max()) + 1
         z = sample_masks(k, params.n_samples, 0.5, np.random.default_rng(m))
-        ours, _, _, _ = lime_coefficients(bundle.module, x, seg, z, 1, params)
+        ours, _, _, _ = lime_coefficients(bundle.module, x, seg, z, 1, params, engine=engine)
 
         def perturb(_inp, _z=z, **_kw):
             for row in _z:  # Captum draws exactly our samples, in order
@@ -143,12 +148,70 @@ def test_explain_many_is_batch_independent_and_recorded(bundle, crops):
         explain_many(bundle.module, x[0], [0], p)
 
 
-def test_onnxruntime_engine_matches_torch(bundle, crops):
-    import dataclasses
-
-    p = LimeParams(n_samples=80, slic=SlicParams(n_segments=(25,)), engine="torch")
-    a = explain_many(bundle.module, crops[0][:2], [0, 1], p)
-    b = explain_many(bundle.module, crops[0][:2], [0, 1],
-                     dataclasses.replace(p, engine="onnxruntime"))
+@pytest.mark.parametrize("engine", ["onnxruntime", "onnxruntime-full"])
+def test_onnxruntime_engine_matches_torch(bundle, crops, engine):
+    p = LimeParams(n_samples=80, slic=SlicParams(n_segments=(25, 50)), engine="torch")
+    a = explain_many(bundle.module, crops[0][:2], [0, (1, 2)], p)
+    tm: dict[str, float] = {}
+    b = explain_many(bundle.module, crops[0][:2], [0, (1, 2)],
+                     dataclasses.replace(p, engine=engine, batch_size=24), timings=tm)
     for u, v in zip(a, b, strict=True):
-        np.testing.assert_allclose(u.coefs[0], v.coefs[0], rtol=1e-4, atol=1e-7)
+        for cu, cv in zip(u.coefs, v.coefs, strict=True):
+            np.testing.assert_allclose(cu, cv, rtol=1e-4, atol=1e-7)
+    assert set(tm) == {"segment_s", "sample_s", "perturb_s", "forward_s", "fit_s"}
+
+
+def test_windowed_trunk_equals_full_model(bundle, crops):
+    """The windowed ONNX Runtime trunk gives the full model's logits for every perturbation,
+    also with a non-zero baseline and segmentations whose largest segment is not id 0."""
+    from explain.ort_engine import ort_scorer, trunk_geometry
+
+    assert trunk_geometry(bundle.module.net.trunk) == ((16, 16), (4, 4))
+    win = ort_scorer(bundle.module, (64, 64))
+    assert win is not None and win.windowed
+    x = crops[0][3]  # small cell: the window is smaller than the crop
+    segs, _ = multi_slic(x, SlicParams(n_segments=(25, 100)))
+    fixed, (i0, i1, j0, j1) = win._window(segs[0])
+    assert fixed == 0 and (i1 - i0 + 1) * (j1 - j0 + 1) < 13 * 13
+    rng = np.random.default_rng(1)
+    swapped = segs[1].copy()
+    swapped[segs[1] == 0], swapped[segs[1] == 1] = 1, 0  # background gets id 1
+    for seg, bl in ((segs[0], 0.0), (segs[1], 0.0), (segs[1], 0.3), (swapped, -0.2)):
+        k = int(seg.max()) + 1
+        z = sample_masks(k, 70, 0.5, rng)
+        z[0] = 1
+        z[1] = 0
+        got = win.perturbed_logits(x, seg, z, bl, batch_size=16)
+        keep = z[:, seg].astype(bool)
+        crops_ref = np.where(keep, x, np.float32(bl)).astype(np.float32)
+        with torch.no_grad():
+            ref = bundle.module(torch.from_numpy(crops_ref)[:, None]).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError):
+        win.perturbed_logits(x, segs[0], np.ones((3, 2), np.uint8), 0.0, 16)
+
+
+def test_unsupported_models_use_the_full_model(crops):
+    """Padded convolutions (or non-PhaseCNN nets) cannot be windowed: full model, same scores."""
+    from explain.ort_engine import ort_scorer, trunk_geometry
+
+    class Padded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.f = torch.nn.Linear(4 * 64 * 64, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.f(torch.flatten(torch.relu(self.c(x)), 1))
+
+    assert trunk_geometry(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))) is None
+    torch.manual_seed(0)
+    b = ModelBundle.from_module(Padded())
+    sc = ort_scorer(b.module, (64, 64))
+    assert sc is not None and not sc.windowed
+    p = LimeParams(n_samples=60, slic=SlicParams(n_segments=(25,)))
+    a = explain_many(b.module, crops[0][:1], [0], dataclasses.replace(p, engine="torch"))
+    c = explain_many(b.module, crops[0][:1], [0], dataclasses.replace(p, engine="onnxruntime"))
+    np.testing.assert_allclose(a[0].coefs[0], c[0].coefs[0], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError):
+        explain_many(b.module, crops[0][:1], [0], dataclasses.replace(p, engine="tensorrt"))

@@ -12,8 +12,9 @@ from leukoflow.physics import DEFAULT_OPTICS
 
 def test_default_reconstruction_matches_simulator_truth():
     from acquisition.sim.flow import FlowSimulator
+    from acquisition.sim.params import SimConfig
 
-    sim = FlowSimulator()
+    sim = FlowSimulator(SimConfig(concentration=1.5))  # dense: cells in most frames
     rec = Reconstructor(OffAxisConfig(camera_pixel_um=DEFAULT_OPTICS.camera_pixel_um),
                         background=sim.background)
     assert rec.sideband == pytest.approx(DEFAULT_OPTICS.carrier, abs=1e-3)

@@ -131,3 +131,17 @@ def test_validation_html(tmp_path) -> None:
     index = write_validation_report(res, tmp_path / "val" / "v.html")
     html = index.read_text()
     assert "Reliability" in html and (index.parent / "v_reliability.png").exists()
+
+
+def test_differential_figure_with_interval_not_containing_estimate(tmp_path) -> None:
+    """Few cells: the bootstrap interval of an estimate at 0 % can lie above it (a live run
+    of 8 cells once lost its whole report to matplotlib's negative-yerr error)."""
+    from leukoflow.report import fig_differential
+
+    est = {n: {"fraction": 0.25, "lower": 0.1, "upper": 0.4} for n in CLASS_NAMES}
+    est[CLASS_NAMES[1]] = {"fraction": 0.0, "lower": 0.02, "upper": 0.3}
+    classes = {n: {"fraction": 0.25} for n in CLASS_NAMES}
+    summary = {"differential": {"classes": classes, "estimate": {"classes": est},
+                               "counted": 8}}
+    out = fig_differential(summary, tmp_path / "diff.png")
+    assert (tmp_path / "diff.png").stat().st_size > 1000 and out

@@ -61,7 +61,7 @@ def cells() -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def flow_run():
-    sim = FlowSimulator(SimConfig(seed=5))
+    sim = FlowSimulator(SimConfig(seed=5, concentration=1.5))  # dense: many cells per frame
     frames = list(sim.frames(240))
     return sim, frames
 

@@ -315,6 +315,43 @@ class FlowSimulator:
         truth = [tr for fo, y0, x0 in placed if (tr := self._truth(fo, y0, x0)) is not None]
         return Frame(index=i, t_s=t, hologram=holo, truth=truth, placements=placed)
 
+    def skip_empty(self, max_frames: int = 1_000_000) -> int:
+        """Advance past frames in which no object overlaps the field, without rendering them.
+
+        Used by accuracy runs at low concentration (the frames skipped hold only the static
+        background and camera noise); the next :meth:`next_frame` is the first frame with
+        an object in view. The noise frames drawn afterwards differ from an unskipped run.
+
+        Parameters
+        ----------
+        max_frames : int
+            Skip at most this many frames.
+
+        Returns
+        -------
+        int
+            Number of frames skipped.
+        """
+        ww = self.shape[1]
+        skipped = 0
+        while skipped < max_frames:
+            t = self._index / self.cfg.optics.frame_rate_hz
+            self._arrive(t)
+            keep: list[FlowObject] = []
+            seen = False
+            for fo in self._active:
+                y0, x0 = fo.origin(t)
+                if x0 >= ww:
+                    continue
+                keep.append(fo)
+                seen = seen or x0 + fo.cam_shape[1] > 0
+            self._active = keep
+            if seen:
+                break
+            self._index += 1
+            skipped += 1
+        return skipped
+
     def frames(self, n: int) -> Iterator[Frame]:
         """Yield the next ``n`` frames."""
         if n < 0:

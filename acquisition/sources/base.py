@@ -121,7 +121,8 @@ class Source:
 
 
 def parse_source_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Parse ``sim``, ``sim:SEED``, ``file:PATH``, ``camera:opencv:0`` or ``camera:genicam[:CTI]``.
+    """Parse ``sim[:SEED[:CONCENTRATION]]``, ``file:PATH``, ``camera:opencv:0`` or
+    ``camera:genicam[:CTI]``.
 
     Returns
     -------
@@ -133,8 +134,16 @@ def parse_source_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not spec:
         raise SourceError("empty source spec; use sim, file:PATH or camera:opencv:INDEX")
     kind, _, rest = spec.partition(":")
-    if kind == "sim":
-        return "sim", ({"seed": int(rest)} if rest else {})
+    if kind == "sim":  # sim[:SEED[:CONCENTRATION]]
+        seed, _, conc = rest.partition(":")
+        try:
+            kw: dict[str, Any] = {"seed": int(seed)} if seed else {}
+            if conc:
+                kw["concentration"] = float(conc)
+        except ValueError:
+            raise SourceError(f"bad simulator spec {spec!r}; use sim[:SEED[:CONCENTRATION]] "
+                              "(objects per field of view)") from None
+        return "sim", kw
     if kind == "file":
         if not rest:
             raise SourceError("file source needs a path: file:PATH")

@@ -24,17 +24,22 @@ class SimSource(Source):
         Pace frames at this rate [frames/s] like a camera would; 0 = as fast as possible.
     config : acquisition.sim.SimConfig, optional
         Full simulator configuration (``seed`` is applied on top).
+    concentration : float, optional
+        Objects per field of view (sample dilution), applied on top of ``config``; the
+        default keeps coincidences rare (see :class:`acquisition.sim.SimConfig`).
     """
 
     has_truth = True
 
     def __init__(self, seed: int = 0, n_frames: int | None = None, rate_hz: float = 0.0,
-                 config: Any = None) -> None:
+                 config: Any = None, concentration: float | None = None) -> None:
         from acquisition.sim import FlowSimulator, SimConfig
 
         cfg = config if config is not None else SimConfig(seed=seed)
         if config is not None and getattr(cfg, "seed", seed) != seed:
             cfg = cfg.replace(seed=seed)
+        if concentration is not None:
+            cfg = cfg.replace(concentration=float(concentration))
         self.sim = FlowSimulator(cfg)
         self.config = cfg
         self.n_frames = n_frames

@@ -42,7 +42,7 @@ class LimeExplainer(Explainer):
 
     def __init__(self, bundle: ModelBundle, n_samples: int = 500,
                  n_segments: tuple[int, ...] = (25, 50, 100), compactness: float = 0.1,
-                 batch_size: int = 128, seed: int = 0, baseline: float | None = 0.0,
+                 batch_size: int = 32, seed: int = 0, baseline: float | None = 0.0,
                  kernel_width: float = 0.25, ridge_alpha: float = 1.0) -> None:
         super().__init__(bundle)
         self.lime_params = LimeParams(

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
     @app.command("acquire")
     def acquire(
         source: Annotated[str | None, typer.Option(
-            "--source", help="sim | sim:SEED | file:PATH | camera:opencv:INDEX | camera:genicam")
+            "--source", help="sim[:SEED[:CONCENTRATION]] | file:PATH | camera:opencv:INDEX | "
+            "camera:genicam")
         ] = None,
         frames: Annotated[int | None, typer.Option(
             "--frames", min=0, help="Stop after N frames (0 = no limit).")] = None,

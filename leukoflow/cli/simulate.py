@@ -27,6 +27,9 @@ class SimulateSettings:
     """Configurable settings of ``leukoflow simulate`` (section ``[simulate]``)."""
 
     seed: int = 0
+    # recordings default to a dense sample (1.5 objects per field, ~15 % coincidences that
+    # the gates reject as doublets); the live simulated source defaults to the dilute 0.03
+    # of acquisition.sim.SimConfig (use --source sim:SEED:CONCENTRATION there)
     concentration: float = 1.5
     speed_spread: float = 0.10
     lateral_sd_um: float = 2.5
