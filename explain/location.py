@@ -12,6 +12,10 @@ of absolute relevance that falls into
 Because the two regions differ in area, the **interior enrichment** divides the interior
 share by the interior's share of the area (1 = relevance spread uniformly; > 1 = relevance
 concentrated inside; < 1 = concentrated at the rim).
+
+The quantified reproduction of the finding (causal ablations, contrastive LIME, Guided
+Backprop and Integrated Gradients with bootstrap intervals, physical rim width in µm) is in
+:mod:`explain.finding` (``leukoflow explain finding``; results in docs/finding-sim.md).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ computed here with the model), this writes into ``out_dir``:
   embedding plot (``spray.png``);
 * dataset mode only: the relevance-location summary per class pair
   (:mod:`explain.location`) and TCAV with concepts from the simulator's ground truth
-  (:mod:`explain.tcav`, when the dataset carries that truth);
+  (:mod:`explain.tcav`: concept sets rendered by the simulator for ``sim`` sources, or
+  per-cell truth when the dataset carries it), with its table in ``tcav.md``;
 * ``meta.json`` with every number and parameter.
 """
 
@@ -51,7 +52,11 @@ class MetaConfig:
     tcav_random : int
         Number of random concepts (>= 10).
     tcav_concept_size, tcav_inputs : int
-        Examples per concept / cells per class scored.
+        Examples per concept (and per random set) / cells per class scored.
+    tcav_layers : tuple of str
+        TCAV layers (module names of the explainer model; the first is the primary one;
+        empty = :func:`explain.tcav.default_layers`). Used with simulator concepts;
+        truth-derived concepts use the last Conv2d.
     seed : int
     """
 
@@ -64,8 +69,9 @@ class MetaConfig:
     rim_px: int = 3
     tcav: bool = True
     tcav_random: int = 10
-    tcav_concept_size: int = 40
-    tcav_inputs: int = 40
+    tcav_concept_size: int = 60
+    tcav_inputs: int = 60
+    tcav_layers: tuple[str, ...] = ()
     seed: int = 0
 
 
@@ -230,10 +236,13 @@ def _plot_spray(path: Path, results: dict[str, Any]) -> None:
 
 def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bundle=None,
              x: np.ndarray | None = None, y: np.ndarray | None = None,
-             truth: dict[str, np.ndarray] | None = None, source: str = "") -> dict[str, Any]:
+             truth: dict[str, np.ndarray] | None = None, source: str = "",
+             sim_concepts: bool = False) -> dict[str, Any]:
     """Write the meta-explanation report for ``ms`` (see module docstring).
 
-    ``bundle``, ``x``, ``y`` (and ``truth``) enable the location summary and TCAV.
+    ``bundle``, ``x``, ``y`` enable the location summary; TCAV runs with concepts from
+    ``truth`` (per-cell morphology) or, with ``sim_concepts``, with concept sets rendered
+    by the simulator (:func:`explain.tcav.tcav_sim`); its table goes to ``tcav.md``.
     """
     from explain.spray import spray
 
@@ -272,8 +281,19 @@ def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bu
                                         lime_params=LimeParams(n_samples=cfg.lime_samples,
                                                                seed=cfg.seed))
             summary["relevance_location"] = {k: v.to_dict() for k, v in loc.items()}
-        if cfg.tcav and truth:
+        if cfg.tcav and sim_concepts:
+            from explain.tcav import tcav_sim
+
+            summary["tcav"] = tcav_sim(bundle, n_concept=cfg.tcav_concept_size,
+                                       n_inputs=cfg.tcav_inputs, n_random=cfg.tcav_random,
+                                       layer=list(cfg.tcav_layers) or None, seed=cfg.seed)
+        elif cfg.tcav and truth:
             summary["tcav"] = tcav_from_truth(bundle, x, y, truth, cfg)
+        if "by_layer" in summary.get("tcav", {}):
+            from explain.tcav import tcav_markdown
+
+            (out / "tcav.md").write_text("\n\n".join(
+                tcav_markdown(summary["tcav"], ly) for ly in summary["tcav"]["layers"]) + "\n")
     summary["seconds"] = time.perf_counter() - t0
     (out / "meta.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary

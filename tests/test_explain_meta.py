@@ -114,3 +114,22 @@ def test_cli_help(args):
     r = subprocess.run([sys.executable, "-m", "leukoflow.cli", *args], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_meta_runs_tcav_with_simulator_concepts(tmp_path):
+    """Dataset mode with ``sim_concepts``: TCAV table in meta.json and tcav.md (plumbing)."""
+    from models.architectures import LeNet5
+
+    torch.manual_seed(0)
+    bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5, name="meta-tcav")
+    x, y = toy_crops(4, seed=5)
+    cfg = MetaConfig(method="gradcam", location_cells=0, spray_knn=4, tcav_concept_size=8,
+                     tcav_inputs=4, tcav_random=3)
+    ms = compute_maps(bundle, x, y, cfg)
+    s = run_meta(ms, tmp_path / "m", cfg, bundle=bundle, x=x, y=y, sim_concepts=True)
+    t = s["tcav"]
+    assert t["n_random"] == 3 and t["n_control"] == 10 and t["layers"][0].endswith("trunk.3")
+    assert set(t["results"]["neutrophil"]) == {"large_size", "lobed_nucleus",
+                                               "granular_interior", "random_control"}
+    md = (tmp_path / "m" / "tcav.md").read_text()
+    assert "| lobed_nucleus |" in md and "net.head.1" in md

@@ -136,24 +136,15 @@ def register(app: typer.Typer) -> None:
                 summary = run_meta(ms, out or p / "meta", cfg, source=source)
             else:
                 from explain.model import ModelBundle
-                from explain.tcav import sim_truth_crops
 
                 x, y, _feats, info = _load_dataset(source, split, seed)
                 bundle = ModelBundle.from_artifact(model)
-                truth = None
-                xt, yt = x, y
-                if tcav and source.startswith("sim"):
-                    # concepts need per-cell morphology truth: render cells with it
-                    xt, yt, truth = sim_truth_crops(max(20, cfg.tcav_concept_size), seed)
+                sim = source.startswith("sim")
                 ms = compute_maps(bundle, x, y, cfg)
                 dest = out or Path(f"meta-{Path(source).stem.replace(':', '-')}")
-                summary = run_meta(ms, dest, cfg, bundle=bundle, x=x, y=y, source=str(info))
-                if truth is not None:
-                    from explain.meta import tcav_from_truth
-
-                    summary["tcav"] = tcav_from_truth(bundle, xt, yt, truth, cfg)
-                    (Path(dest) / "meta.json").write_text(
-                        json.dumps(summary, indent=1, default=float))
+                # simulated source: TCAV with simulator concepts (explain.tcav.tcav_sim)
+                summary = run_meta(ms, dest, cfg, bundle=bundle, x=x, y=y, source=str(info),
+                                   sim_concepts=tcav and sim)
         except (ValueError, FileNotFoundError, KeyError) as exc:
             typer.echo(f"leukoflow explain meta: {exc}", err=True)
             raise typer.Exit(2) from exc
@@ -170,6 +161,91 @@ def register(app: typer.Typer) -> None:
 
                 for line in tcav_report_lines(summary["tcav"]):
                     typer.echo(line)
+
+    @explain_app.command("finding")
+    def finding(
+        model: Annotated[str, typer.Option(
+            "--model", help="Model artifact name or folder.")] = "lenet5-sim",
+        n_per_class: Annotated[int, typer.Option(
+            "--n-per-class", help="Simulated test cells per class.")] = 300,
+        seed: Annotated[int, typer.Option(
+            "--seed", help="Simulation seed of the test cells (training used 0; the "
+            "shipped test split 1000).")] = 1000,
+        attribution_cells: Annotated[int, typer.Option(
+            "--attribution-cells", help="Cells per class explained (0 = no maps).")] = 60,
+        methods: Annotated[str, typer.Option(
+            "--methods", help="Attribution methods (comma-separated).")
+        ] = "lime,guided_backprop,integrated_gradients",
+        lime_samples: Annotated[int, typer.Option(
+            "--lime-samples", help="LIME samples per segmentation.")] = 300,
+        rim_um: Annotated[float, typer.Option("--rim-um", help="Rim half-width [µm].")] = 1.0,
+        size_factor: Annotated[float, typer.Option(
+            "--size-factor", help="Size ablation factor of the larger class.")] = 0.85,
+        n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 2000,
+        tcav: Annotated[bool, typer.Option("--tcav/--no-tcav", help="Run TCAV.")] = True,
+        tcav_concept: Annotated[int, typer.Option(
+            "--tcav-concept", help="Crops per TCAV concept and random set.")] = 100,
+        tcav_random: Annotated[int, typer.Option(
+            "--tcav-random", help="Random concepts (>= 10).")] = 10,
+        tcav_seeds: Annotated[int, typer.Option(
+            "--tcav-seeds", help="Repeat TCAV with this many seeds (stability table).")] = 1,
+        tcav_layers: Annotated[str, typer.Option(
+            "--tcav-layers", help="Layers (comma-separated, first = primary; default: the "
+            "conv trunk output and the first hidden fc ReLU).")] = "",
+        out: Annotated[Path, typer.Option(
+            "--out", help="Folder for finding.json and finding.md.")] = Path("finding-sim"),
+        as_json: Annotated[bool, typer.Option("--json", help="Print finding.json.")] = False,
+    ) -> None:
+        """Seed-paper finding on simulated cells: ablations, contrastive maps, TCAV.
+
+        Monocyte vs eosinophil should be decided by the interior, neutrophil vs lymphocyte
+        by size; see explain/finding.py and docs/finding-sim.md.
+        """
+        import json
+
+        import numpy as np
+
+        from acquisition.sim import make_crop_dataset
+        from explain.finding import FindingConfig, finding_markdown, run_finding
+        from explain.model import ModelBundle
+        from models.artifact import ArtifactError
+
+        try:
+            bundle = ModelBundle.from_artifact(model)
+            d = make_crop_dataset(n_per_class, 0, seed)
+            keep = np.asarray(d["y"]) >= 0
+            cfg = FindingConfig(pixel_um=float(d["meta"]["pixel_um"]), rim_um=rim_um,
+                                size_factor=size_factor, attribution_cells=attribution_cells,
+                                lime_samples=lime_samples, n_boot=n_boot)
+            meths = tuple(m for m in methods.split(",") if m)
+            res = run_finding(bundle, d["x"][keep], d["y"][keep], cfg, meths,
+                              source=f"simulated n_per_class={n_per_class} seed={seed}",
+                              progress=lambda s: typer.echo(f"[finding] {s}", err=True))
+            md = finding_markdown(res)
+            if tcav:
+                from explain.tcav import tcav_markdown, tcav_sim
+
+                typer.echo("[finding] tcav", err=True)
+                layers = [ly for ly in tcav_layers.split(",") if ly]
+                runs = [tcav_sim(bundle, n_concept=tcav_concept, n_inputs=tcav_concept,
+                                 n_random=tcav_random, layer=layers or None, seed=s)
+                        for s in range(max(1, tcav_seeds))]
+                res["tcav"] = runs[0]
+                md += "\n\n" + "\n\n".join(tcav_markdown(runs[0], ly)
+                                             for ly in runs[0]["layers"])
+                if len(runs) > 1:
+                    from explain.tcav import tcav_stability_markdown
+
+                    res["tcav_runs"] = runs[1:]
+                    md += "\n\n" + "\n\n".join(tcav_stability_markdown(runs, ly)
+                                                 for ly in runs[0]["layers"])
+        except (ValueError, FileNotFoundError, KeyError, ArtifactError) as exc:
+            typer.echo(f"leukoflow explain finding: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finding.json").write_text(json.dumps(res, indent=1, default=float))
+        (out / "finding.md").write_text(md + "\n")
+        typer.echo(json.dumps(res, indent=1, default=float) if as_json else md)
 
     app.add_typer(explain_app, name="explain")
 
