@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sim.dataset import FEATURE_NAMES, crop_features
+from acquisition.sim.dataset import FEATURE_NAMES, crop_features, resolve_kinds
 from leukoflow import CLASS_NAMES, OOD_KINDS
 
 #: Version of the arrays this module produces (part of the dataset cache key of
@@ -190,14 +190,7 @@ def make_pipeline_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0
         raise ValueError("n_per_class and ood_per_kind must be >= 0")
     if parts < 1:
         raise ValueError("parts must be >= 1")
-    classes = list(CLASS_NAMES if classes is None else classes)
-    ood_kinds = list(OOD_KINDS if ood_kinds is None else ood_kinds)
-    for k in classes:
-        if k not in CLASS_NAMES:
-            raise ValueError(f"unknown class {k!r}")
-    for k in ood_kinds:
-        if k not in OOD_KINDS:
-            raise ValueError(f"unknown OOD kind {k!r}")
+    classes, ood_kinds = resolve_kinds(classes, ood_kinds)
     sim_kwargs = {"concentration": float(concentration)}
     pipe_kwargs = dict(pipeline or {})
     jobs = []

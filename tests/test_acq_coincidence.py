@@ -117,43 +117,40 @@ def _emitted(finished):
     return [f for f in finished if f.best is not None]
 
 
-def test_pair_entering_merged_then_separating_gives_one_crop_each():
-    """The hard case behind the duplicates: two cells enter as one blob that passes the
-    gates (it looks like one large cell), then separate; the blob's centroid lies between
-    them, so one cell falls outside the merged track's gate."""
+def _track_pair(xs, merged, area_um: float, r: float, n_frames: int = 6):
+    """Track cells 1 and 2 at x = ``xs(f)``; where ``merged(f, a, b)`` one blob (label 9)
+    of ``area_um`` at their centroid replaces them. Returns the tracker and the emitted
+    cells."""
     tr = Tracker()
     out = []
-    xa = lambda f: 12.0 + 64.0 * f  # noqa: E731  (fast cell A, ahead)
-    xb = lambda f: -2.0 + 54.0 * f  # noqa: E731  (slow cell B)
-    for f in range(6):
-        a, b = xa(f), xb(f)
-        if abs(a - b) < 28:  # one blob, twice the area, at the pair's centroid
-            dets = [_det(f, 0.5 * (a + b), area_um=140.0, r=24.0, label=9)]
+    for f in range(n_frames):
+        a, b = xs(f)
+        if merged(f, a, b):
+            dets = [_det(f, 0.5 * (a + b), area_um=area_um, r=r, label=9)]
         else:
             dets = [_det(f, x, label=k) for k, x in ((1, a), (2, b)) if -10 < x < W + 10]
             for d in dets:
                 d.cx = min(max(d.cx, 3.0), W - 4.0)
         out += tr.update(f, dets, on_candidate=lambda d: d.label)
     out += tr.flush()
-    good = _emitted(out)
+    return tr, _emitted(out)
+
+
+def test_pair_entering_merged_then_separating_gives_one_crop_each():
+    """The hard case behind the duplicates: two cells enter as one blob that passes the
+    gates (it looks like one large cell), then separate; the blob's centroid lies between
+    them, so one cell falls outside the merged track's gate."""
+    # fast cell A ahead of slow cell B; one blob (twice the area) while they overlap
+    tr, good = _track_pair(lambda f: (12.0 + 64.0 * f, -2.0 + 54.0 * f),
+                           lambda f, a, b: abs(a - b) < 28, area_um=140.0, r=24.0)
     assert sorted(g.best.payload for g in good) == [1, 2]  # one crop per cell, not the pair
     assert all(g.best.det.area_um == 70.0 for g in good)
 
 
 def test_tracks_coast_through_a_merged_frame_and_keep_their_cells():
-    tr = Tracker()
-    out = []
-    for f in range(6):
-        a, b = 40.0 + 58.8 * f, 10.0 + 58.8 * f  # constant spacing of 30 px
-        if f == 2:  # the pair is segmented as one blob in this frame only
-            dets = [_det(f, 0.5 * (a + b), area_um=150.0, r=30.0, label=9)]
-        else:
-            dets = [_det(f, x, label=k) for k, x in ((1, a), (2, b)) if -10 < x < W + 10]
-            for d in dets:
-                d.cx = min(max(d.cx, 3.0), W - 4.0)
-        out += tr.update(f, dets, on_candidate=lambda d: d.label)
-    out += tr.flush()
-    good = _emitted(out)
+    # constant spacing of 30 px; the pair is segmented as one blob in frame 2 only
+    tr, good = _track_pair(lambda f: (40.0 + 58.8 * f, 10.0 + 58.8 * f),
+                           lambda f, a, b: f == 2, area_um=150.0, r=30.0)
     assert sorted(g.best.payload for g in good) == [1, 2]
     assert tr.stats["tracks_started"] == 2  # no track restarted after the merge
     assert tr.stats["merged_observations"] == 2

@@ -225,6 +225,20 @@ def _run_range(job: _Job, rng_range: tuple[int, int]
     return x, y, feats
 
 
+def resolve_kinds(classes: Sequence[str] | None, ood_kinds: Sequence[str] | None
+                  ) -> tuple[list[str], list[str]]:
+    """Validated class and OOD-kind lists (None = all of CLASS_NAMES / OOD_KINDS)."""
+    classes = list(CLASS_NAMES if classes is None else classes)
+    ood_kinds = list(OOD_KINDS if ood_kinds is None else ood_kinds)
+    for k in classes:
+        if k not in CLASS_NAMES:
+            raise ValueError(f"unknown class {k!r}")
+    for k in ood_kinds:
+        if k not in OOD_KINDS:
+            raise ValueError(f"unknown OOD kind {k!r}")
+    return classes, ood_kinds
+
+
 def make_crop_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0, crop: int = 64,
                       through_hologram: bool = True, cfg: SimConfig | None = None,
                       classes: Sequence[str] | None = None,
@@ -272,14 +286,7 @@ def make_crop_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0, cr
     if crop < 16 or crop % 2:
         raise ValueError("crop must be an even number >= 16")
     cfg = cfg or SimConfig(seed=seed)
-    classes = list(CLASS_NAMES if classes is None else classes)
-    ood_kinds = list(OOD_KINDS if ood_kinds is None else ood_kinds)
-    for k in classes:
-        if k not in CLASS_NAMES:
-            raise ValueError(f"unknown class {k!r}")
-    for k in ood_kinds:
-        if k not in OOD_KINDS:
-            raise ValueError(f"unknown OOD kind {k!r}")
+    classes, ood_kinds = resolve_kinds(classes, ood_kinds)
     kinds = [c for c in classes for _ in range(n_per_class)]
     kinds += [k for k in ood_kinds for _ in range(ood_per_kind)]
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC209]))
