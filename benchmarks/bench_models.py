@@ -12,6 +12,8 @@
    batched: ``LeNet5VI``), MC dropout looped S times, and MC dropout / Flipout-style full
    network sampling batched (input repeated S times). This is the measurement behind the
    choice of the Bayesian head.
+4. ``descriptors``: cells/s of the network with the physical phase descriptors vs without
+   (ONNX Runtime and PyTorch), and host-side ``combined`` vs ``mahalanobis`` OOD scoring.
 """
 
 from __future__ import annotations
@@ -142,10 +144,66 @@ def bench_vi_cost(quick: bool) -> dict:
             "bayes_head_logit_std_across_samples_untrained": spread}
 
 
+def bench_descriptors(quick: bool) -> dict:
+    """Cost of the phase descriptors and the ``combined`` OOD score (lenet5-sim, 1 thread).
+
+    Network with descriptors vs without (ONNX Runtime and PyTorch, batch 256), and host-side
+    scoring of ``combined`` vs ``mahalanobis`` (the previous default detector).
+    """
+    import numpy as np
+    import torch
+
+    from models.artifact import load_artifact
+    from models.export import export_onnx, onnx_session
+    from models.ood import DETECTORS
+
+    torch.set_num_threads(1)
+    art = load_artifact("lenet5-sim")
+    bs = 64 if quick else 256
+    x = art.preprocess(np.random.default_rng(0).normal(
+        art.normalisation["mean"], art.normalisation["std"],
+        (bs, art.input_size, art.input_size)).astype(np.float32))
+    out: dict = {"batch": bs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, desc in (("with_descriptors", True), ("without", False)):
+            m = art.build_model()
+            if not desc:
+                m.attach_descriptors(None)
+            sess = onnx_session(export_onnx(m, Path(tmp) / f"{label}.onnx", art.input_size),
+                                threads=1)
+            xt = torch.from_numpy(x)
+
+            def run_torch(xt=xt, m=m):
+                with torch.inference_mode():
+                    m.forward_with_features(xt)
+
+            out[label] = {
+                "onnxruntime_cells_s": _rate(lambda s=sess: s.run(None, {"crops": x}), bs,
+                                             0.05 if quick else 1.0),
+                "pytorch_cells_s": _rate(run_torch, bs, 0.05 if quick else 1.0)}
+    for k in ("onnxruntime_cells_s", "pytorch_cells_s"):
+        out[f"ratio_{k}"] = out["with_descriptors"][k] / out["without"][k]
+    m = art.build_model()
+    with torch.inference_mode():
+        z, f = (t.numpy().astype(np.float64) for t in m.forward_with_features(torch.from_numpy(x)))
+    rng = np.random.default_rng(1)
+    ztr = np.repeat(z, 8, 0) + rng.normal(0, 0.1, (8 * bs, z.shape[1]))
+    ftr = np.repeat(f, 8, 0) + rng.normal(0, 0.1, (8 * bs, f.shape[1]))
+    ytr = ztr.argmax(1)
+    for name in ("mahalanobis", "combined"):
+        det = DETECTORS.create(name).fit(ztr, ftr, ytr, model=m)
+        out[f"{name}_score_cells_s"] = _rate(lambda d=det: d.score(z, f), bs,
+                                             0.05 if quick else 1.0)
+    out["ratio_combined_mahalanobis_score"] = (out["combined_score_cells_s"]
+                                               / out["mahalanobis_score_cells_s"])
+    return out
+
+
 def run(quick: bool = False) -> dict:
     """Run all model benchmarks; ``quick`` uses small sizes and the reduced training run."""
     return {"quick": quick, "threads": 1, "vi_cost": bench_vi_cost(quick),
-            "inference": bench_inference(quick), "train": bench_train(quick)}
+            "inference": bench_inference(quick), "descriptors": bench_descriptors(quick),
+            "train": bench_train(quick)}
 
 
 def _print(res: dict) -> None:
@@ -156,6 +214,13 @@ def _print(res: dict) -> None:
         for bs, r in rows.items():
             print(f"{name} batch {bs:5d}: PyTorch {r['pytorch_cells_s']:9.0f} cells/s, ORT "
                   f"{r['onnxruntime_cells_s']:9.0f} cells/s, ratio {r['ratio_ort_torch']:.2f}")
+    d = res["descriptors"]
+    for k in ("onnxruntime_cells_s", "pytorch_cells_s"):
+        print(f"descriptors {k[:-8]:12s}: with {d['with_descriptors'][k]:9.0f} cells/s, "
+              f"without {d['without'][k]:9.0f}, ratio {d['ratio_' + k]:.2f}")
+    print(f"host OOD score: combined {d['combined_score_cells_s']:9.0f} cells/s, mahalanobis "
+          f"{d['mahalanobis_score_cells_s']:9.0f}, "
+          f"ratio {d['ratio_combined_mahalanobis_score']:.2f}")
     v = res["vi_cost"]
     for k, sec in v["seconds_per_batch"].items():
         print(f"vi {k:32s} {1e3 * sec:8.1f} ms / {v['n_cells']} cells "

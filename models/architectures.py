@@ -71,15 +71,41 @@ class PhaseCNN(nn.Module):
                 f"{x.shape[-2]}x{x.shape[-1]}"
             )
 
+    def attach_descriptors(self, module: nn.Module | None) -> None:
+        """Append ``module(x)`` (``models.descriptors.PhaseDescriptors``) to the features.
+
+        The learned part is unchanged (``features``); ``forward_with_features`` then returns
+        ``(N, D + n_descriptors)`` with the descriptors last. No weights are added (a
+        submodule ``descriptors`` without persistent buffers: ``state_dict`` is unchanged).
+        ``None`` detaches.
+        """
+        if module is None:
+            self._modules.pop("descriptors", None)
+        else:
+            self.descriptors = module
+
+    @property
+    def n_descriptors(self) -> int:
+        """Number of descriptor columns at the end of the feature output (0 if none)."""
+        d = self._modules.get("descriptors")
+        return 0 if d is None else int(d.n_out)
+
+    def with_descriptors(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """Learned features ``f`` with the descriptors of input ``x`` appended (if any)."""
+        d = self._modules.get("descriptors")
+        if d is None:
+            return f
+        return torch.cat([f, d(x).to(f.dtype)], dim=1)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(N, D)`` (after the last hidden ReLU)."""
         self._check_input(x)
         return self.head(torch.flatten(self.trunk(x), 1))
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(logits (N, K), features (N, D))`` from one pass."""
+        """Return ``(logits (N, K), features (N, D [+ descriptors]))`` from one pass."""
         f = self.features(x)
-        return self.fc_out(f), f
+        return self.fc_out(f), self.with_descriptors(x, f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(N, K)`` for normalised phase crops ``(N, 1, H, W)``."""
@@ -287,6 +313,9 @@ class LeNet5VI(nn.Module):
         self.feature_dim = 120
 
     _check_input = PhaseCNN._check_input
+    attach_descriptors = PhaseCNN.attach_descriptors
+    n_descriptors = PhaseCNN.n_descriptors
+    with_descriptors = PhaseCNN.with_descriptors
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic 120-d features (input of the Bayesian head) ``(N, 120)``."""
@@ -317,9 +346,10 @@ class LeNet5VI(nn.Module):
         f = self.features(x)
         if self.training:
             z = self.sample_logits(f, 1)
-            return z[0], f
+            return z[0], self.with_descriptors(x, f)
         z = self.sample_logits(f, self.n_samples, self._eval_generator(f.device))
-        return torch.logsumexp(F.log_softmax(z, dim=-1), dim=0) - math.log(z.shape[0]), f
+        return (torch.logsumexp(F.log_softmax(z, dim=-1), dim=0) - math.log(z.shape[0]),
+                self.with_descriptors(x, f))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (train: one weight sample; eval: log mean predictive)."""

@@ -167,6 +167,17 @@ def _validate_card(card: Any, where: Path) -> dict[str, Any]:
     ct = card["confidence_threshold"]
     if not isinstance(ct, int | float) or not 0.0 <= ct <= 1.0:
         raise ArtifactError(f"{where}: confidence_threshold must be in [0, 1], got {ct!r}")
+    desc = card.get("descriptors")
+    if desc is not None:
+        from models.descriptors import DescriptorConfig
+
+        try:
+            DescriptorConfig(**{k: v for k, v in desc.items() if k != "names"})
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where}: invalid descriptors {desc!r}: {exc}") from exc
+        px = card.get("pixel_size_um")
+        if not isinstance(px, int | float) or not px > 0:
+            raise ArtifactError(f"{where}: descriptors need pixel_size_um > 0, got {px!r}")
     ood = card["ood"]
     if ood is not None and not (isinstance(ood, dict) and isinstance(ood.get("detector"), str)
                                 and isinstance(ood.get("params", {}), dict)
@@ -262,6 +273,14 @@ class Artifact:
         except RuntimeError as exc:
             raise ArtifactError(f"{self.path}: weights do not fit the architecture "
                                 f"{self.architecture!r}: {exc}") from exc
+        desc = self.card.get("descriptors")
+        if desc:
+            from models.descriptors import DescriptorConfig, PhaseDescriptors
+
+            cfg = DescriptorConfig(**{k: v for k, v in desc.items() if k != "names"})
+            n = self.normalisation
+            model.attach_descriptors(PhaseDescriptors(self.input_size, n["mean"], n["std"],
+                                                      float(self.pixel_size_um), cfg))
         return model.to(device=torch.device(device), dtype=torch.float32).eval()
 
     def ood_detector(self):

@@ -12,12 +12,14 @@ Sources (``load_splits(spec)``):
 * ``sim`` or ``sim:<n_per_class>``: the simulated instrument
   (``acquisition.sim.make_crop_dataset(..., through_hologram=True)``), generated
   deterministically; test cells come from an independent simulator seed.
-* ``simflow`` or ``simflow:<n_per_class>[:<ood_per_kind>]``: crops as the live acquisition
-  path cuts them (``acquisition.pipeline_dataset.make_pipeline_dataset``: simulated flow ->
-  reconstruction -> segmentation -> gates -> tracking -> crops, labelled by the ground truth
-  each emitted cell was traced to). The OOD objects go through the same path with the
-  quality gates opened, so every kind reaches the classifier (the worst case: a gate
-  missed it). This is what the shipped simulated-instrument models train on.
+* ``simflow`` or ``simflow:<n_per_class>[:<ood_per_kind>[:<test_per_class>]]``: crops as
+  the live acquisition path cuts them (``acquisition.pipeline_dataset.make_pipeline_dataset``:
+  simulated flow -> reconstruction -> segmentation -> gates -> tracking -> crops, labelled by
+  the ground truth each emitted cell was traced to). The OOD objects go through the same
+  path with the quality gates opened, so every kind reaches the classifier (the worst case:
+  a gate missed it). This is what the shipped simulated-instrument models train on.
+  ``test_per_class`` sets the size of the independent test set (default 40 % of
+  ``n_per_class``; ``sim``: 20 %).
 
 Augmentation (:class:`Augment`) only moves pixels or adds noise: random 90-degree rotations,
 flips, small integer shifts (circular, the crop border is background) and additive Gaussian
@@ -273,25 +275,39 @@ def simflow_splits(n_per_class: int = 1000, ood_per_kind: int = 200, seed: int =
     (keyed by the whole ``acquisition`` package source). ``LEUKOFLOW_SIM_WORKERS`` sets the
     number of generating processes (the arrays do not depend on it).
     """
+    from acquisition.pipeline_dataset import DATASET_VERSION
+
     a = _simulate(n_per_class, 0, seed, through_pipeline=True)
     b = _simulate(max(1, round(test_fraction * n_per_class)), ood_per_kind, seed + 1000,
                   through_pipeline=True)
     return _sim_splits(a, b, seed, {
         "generator": "acquisition.pipeline_dataset.make_pipeline_dataset",
+        "dataset_version": DATASET_VERSION,
         "n_per_class": n_per_class, "ood_per_kind": ood_per_kind, "seed": seed,
         "test_seed": seed + 1000, "test_fraction": test_fraction, "through_pipeline": True,
         "ood_gates": "opened (OPEN_GATES)", "train_val_split": "85/15 stratified"})
 
 
-def _sim_spec(s: str) -> tuple[str, int, int] | None:
-    """Parse ``sim[:n[:ood]]`` / ``simflow[:n[:ood]]`` -> (kind, n, ood), else None."""
+def _sim_spec(s: str) -> tuple[str, int, int, int | None] | None:
+    """Parse ``sim[:n[:ood[:test]]]`` / ``simflow[:...]`` -> (kind, n, ood, test), else None.
+
+    ``test`` (test cells per class) is None when not given (the generator's default share).
+    """
     head = s.split(":")[0]
     if head not in ("sim", "simflow"):
         return None
     parts = s.split(":")[1:]
-    n = int(parts[0]) if parts else 1000
-    n_ood = int(parts[1]) if len(parts) > 1 else 200
-    return head, n, n_ood
+    if len(parts) > 3:
+        raise ValueError(f"{s!r}: expected {head}[:n_per_class[:ood_per_kind[:test_per_class]]]")
+    try:
+        n = int(parts[0]) if parts else 1000
+        n_ood = int(parts[1]) if len(parts) > 1 else 200
+        n_test = int(parts[2]) if len(parts) > 2 else None
+    except ValueError as exc:
+        raise ValueError(f"{s!r}: counts must be integers") from exc
+    if n < 1 or n_ood < 0 or (n_test is not None and n_test < 1):
+        raise ValueError(f"{s!r}: need n_per_class >= 1, ood_per_kind >= 0, test >= 1")
+    return head, n, n_ood, n_test
 
 
 def load_splits(spec: str | Path, seed: int = 0,
@@ -301,8 +317,8 @@ def load_splits(spec: str | Path, seed: int = 0,
     Parameters
     ----------
     spec : str or Path
-        ``sim[:<n_per_class>[:<ood_per_kind>]]``, ``simflow[:...]`` (same, cut by the
-        acquisition pipeline), or a path to an ``.npz`` / ``.rtdc`` file.
+        ``sim[:<n_per_class>[:<ood_per_kind>[:<test_per_class>]]]``, ``simflow[:...]``
+        (same, cut by the acquisition pipeline), or a path to an ``.npz`` / ``.rtdc`` file.
     seed : int
         Seed of the stratified split (and of the simulator for ``sim``).
     fractions : tuple
@@ -311,8 +327,11 @@ def load_splits(spec: str | Path, seed: int = 0,
     s = str(spec)
     sim = _sim_spec(s)
     if sim is not None:
-        kind, n, n_ood = sim
-        return (simflow_splits if kind == "simflow" else simulate_splits)(n, n_ood, seed)
+        kind, n, n_ood, n_test = sim
+        fn = simflow_splits if kind == "simflow" else simulate_splits
+        if n_test is None:
+            return fn(n, n_ood, seed)
+        return fn(n, n_ood, seed, test_fraction=n_test / n)
     p = Path(s).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"dataset not found: {p}")

@@ -52,7 +52,8 @@ def _export_module(model):
                 f = self.m.features(x)
                 h = torch.relu(torch.einsum("nd,sod->sno", f, self.w2) + self.b2[:, None, :])
                 z = torch.einsum("snd,sod->sno", h, self.w3) + self.b3[:, None, :]
-                return torch.logsumexp(F.log_softmax(z, dim=-1), dim=0) - self.log_s, f
+                return (torch.logsumexp(F.log_softmax(z, dim=-1), dim=0) - self.log_s,
+                        self.m.with_descriptors(x, f))
 
         return _VI(model).eval()
 

@@ -28,6 +28,8 @@ from models.train import TrainConfig, normalise, predict, train_model
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTORS: tuple[str, ...] = ("msp", "energy", "mahalanobis", "rmds", "knn")
+#: Detectors added when the model carries phase descriptors.
+DESCRIPTOR_DETECTORS: tuple[str, ...] = ("descriptors", "combined")
 
 
 def model_card_text(name: str, arch: str, splits: Splits) -> dict[str, str]:
@@ -66,6 +68,24 @@ def model_card_text(name: str, arch: str, splits: Splits) -> dict[str, str]:
             "architecture": arch, "name": name}
 
 
+def _attach_descriptors(model, splits: Splits, size: int, mean: float, std: float,
+                        enabled: bool | None) -> dict[str, Any] | None:
+    """Attach :class:`models.descriptors.PhaseDescriptors` if enabled; card entry or None."""
+    from models.descriptors import NAMES, DescriptorConfig, PhaseDescriptors
+
+    phase = splits.unit == "rad" and bool(splits.pixel_size_um)
+    if enabled is None:
+        enabled = phase
+    if not enabled:
+        return None
+    if not phase:
+        raise ValueError("phase descriptors need phase crops in rad with a known pixel size "
+                         f"(data unit {splits.unit!r}, pixel size {splits.pixel_size_um})")
+    cfg = DescriptorConfig()
+    model.attach_descriptors(PhaseDescriptors(size, mean, std, splits.pixel_size_um, cfg))
+    return {**cfg.to_dict(), "names": list(NAMES)}
+
+
 def _detectors(names, z_tr, f_tr, y_tr, z_va, f_va, temperature, model, alpha,
                detector_params=None):
     dets = {}
@@ -87,7 +107,8 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
                    data_seed: int = 0, n_boot: int = 1000, command: str | None = None,
                    name: str | None = None, progress: bool = True,
                    ship_weights: bool = True,
-                   detector_params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                   detector_params: dict[str, dict[str, Any]] | None = None,
+                   descriptors: bool | None = None) -> dict[str, Any]:
     """Train, calibrate, fit OOD, evaluate and save an artifact; returns the card.
 
     Parameters
@@ -115,6 +136,10 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
         Write the weights (False: card + metrics only, for results not shipped).
     detector_params : dict, optional
         Per-detector keyword arguments, e.g. ``{"knn": {"bank_size": 1000}}``.
+    descriptors : bool, optional
+        Append the physical phase descriptors (``models.descriptors``) to the features and
+        fit the ``descriptors`` and ``combined`` detectors. Default (None): on for phase
+        crops (unit ``rad``) with a known pixel size, off otherwise (e.g. PBC intensities).
     """
     import torch
 
@@ -138,6 +163,9 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
     x_tr, x_va = normalise(splits.train.x, mean, std), normalise(splits.val.x, mean, std)
     hist = train_model(model, x_tr, splits.train.y, x_va, splits.val.y, cfg, norm_std=std,
                        progress=progress)
+    desc_cfg = _attach_descriptors(model, splits, size, mean, std, descriptors)
+    if desc_cfg is not None:
+        detectors = tuple(dict.fromkeys([*detectors, *DESCRIPTOR_DETECTORS]))
     report, dets, temperature, (z_te, z_va) = evaluate_splits(
         model, splits, mean, std, arch, ood_detector, detectors, alpha, confidence_threshold,
         n_boot, detector_params)
@@ -155,6 +183,7 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
         "class_names": list(splits.class_names),
         "temperature": temperature,
         "confidence_threshold": float(confidence_threshold),
+        "descriptors": desc_cfg,
         "ood": {"detector": ood_detector, "params": pdict["params"],
                 "threshold": pdict["threshold"], "alpha": alpha,
                 "threshold_rule": "split-conformal: ceil((n+1)(1-alpha))-th smallest ID "

@@ -165,3 +165,25 @@ def test_device_ood_scorers_equal_models_ood(name):
     got = torch_scorer(det)(torch.from_numpy(logits[200:]), torch.from_numpy(feats[200:]))
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert torch_scorer(None) is None
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "knn", "descriptors", "combined"])
+def test_device_ood_scorers_with_descriptor_columns(name):
+    """With phase descriptors appended to the features, the torch scorers read the same
+    columns as the numpy detectors (learned, descriptors, or both for ``combined``)."""
+    import torch
+
+    from inference.backends.device_ood import torch_scorer
+    from models.ood import DETECTORS
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 4, 600)
+    feats = np.hstack([np.abs(rng.normal(size=(600, 24))) + y[:, None] * 0.3,
+                       rng.normal(size=(600, 7)) + y[:, None] * 0.2]).astype(np.float32)
+    feats[500:, 24:] += 1.5  # last 100: unusual descriptors
+    logits = (rng.normal(size=(600, 4)) * 3).astype(np.float32)
+    det = DETECTORS.create(name, **({"k": 10} if name == "knn" else {}))
+    det.fit(logits[:400], feats[:400], y[:400], temperature=1.3, n_descriptors=7)
+    ref = det.score(logits[400:], feats[400:])
+    got = torch_scorer(det)(torch.from_numpy(logits[400:]), torch.from_numpy(feats[400:]))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

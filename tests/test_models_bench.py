@@ -30,3 +30,12 @@ def test_bench_models_vi_cost_and_inference_quick():
     assert v["bayes_head_logit_std_across_samples_untrained"] > 0
     inf = b.bench_inference(quick=True)
     assert inf["lenet5-sim"][64]["onnxruntime_cells_s"] > 0
+
+
+def test_bench_models_descriptor_cost_quick():
+    """The descriptor benchmark runs both variants side by side and reports the ratios."""
+    d = _load("bench_models").bench_descriptors(quick=True)
+    for k in ("onnxruntime_cells_s", "pytorch_cells_s"):
+        assert d["with_descriptors"][k] > 0 and d["without"][k] > 0
+        assert d[f"ratio_{k}"] == d["with_descriptors"][k] / d["without"][k]
+    assert d["combined_score_cells_s"] > 0 and d["mahalanobis_score_cells_s"] > 0

@@ -95,3 +95,22 @@ def test_reliability_png(tmp_path):
     out = reliability_diagram(softmax_t(z, 2.0), y, tmp_path / "r.png",
                               probs_before=softmax_t(z, 1.0))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ece_floor_of_a_calibrated_model_and_detection_of_overconfidence():
+    """Labels drawn from the model's own probabilities: observed ECE sits inside the
+    consistency band; sharpened (overconfident) probabilities fall outside it."""
+    from models.calibration import calibration_report, ece_if_calibrated, softmax_t
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(0, 2.0, (4000, 4))
+    p = softmax_t(z, 1.0)
+    y = (rng.random(4000)[:, None] > np.cumsum(p, 1)).sum(1)
+    floor = ece_if_calibrated(p, n_sim=200)
+    assert 0.003 < floor.mean() < 0.03  # finite-n bias of binned ECE is not zero
+    rep = calibration_report(p, y, n_boot=200)
+    lo, hi = rep["ece_if_calibrated"]["ci95"]
+    assert lo <= rep["ece"]["value"] <= hi and rep["ece_excess_p"]["value"] > 0.025
+    over = calibration_report(softmax_t(z, 0.6), y, n_boot=200)
+    assert over["ece"]["value"] > over["ece_if_calibrated"]["ci95"][1]
+    assert over["ece_excess_p"]["value"] < 0.01

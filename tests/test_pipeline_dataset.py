@@ -81,3 +81,14 @@ def test_simflow_spec_loads_splits(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("sim-*.npz"))) == 2  # cached
     again = load_splits("simflow:8:1")  # from the cache: identical arrays
     np.testing.assert_array_equal(again.train.x, sp.train.x)
+    bigger = load_splits("simflow:8:1:5")  # test cells per class given explicitly
+    assert len(bigger.test) == 4 * 5 and bigger.source["test_fraction"] == 5 / 8
+    np.testing.assert_array_equal(bigger.train.x, sp.train.x)  # train part unchanged
+
+
+@pytest.mark.parametrize("spec", ["simflow:8:1:0", "simflow:x", "simflow:1:2:3:4", "sim:0"])
+def test_bad_sim_specs_are_refused(spec):
+    from models.data import load_splits
+
+    with pytest.raises(ValueError):
+        load_splits(spec)

@@ -71,6 +71,9 @@ def register(app: typer.Typer) -> None:
         noise_rad: Annotated[float, typer.Option(help="Augmentation noise std (rad).")] = 0.02,
         max_shift: Annotated[int, typer.Option(help="Augmentation max shift (px).")] = 3,
         ood: Annotated[str, typer.Option(help="OOD detector stored in the card.")] = "knn",
+        descriptors: Annotated[str, typer.Option(
+            help="Physical phase descriptors for OOD (models.descriptors): auto (on for "
+                 "phase crops in rad with a pixel size), on or off.")] = "auto",
         knn_bank: Annotated[int, typer.Option(help="KNN feature bank size (cells).")] = 1000,
         alpha: Annotated[float, typer.Option(help="ID fraction allowed above OOD threshold.")
                          ] = 0.05,
@@ -95,6 +98,8 @@ def register(app: typer.Typer) -> None:
 
         if balance not in ("weights", "sampler", "none"):
             raise typer.BadParameter("balance must be weights, sampler or none")
+        if descriptors not in ("auto", "on", "off"):
+            raise typer.BadParameter("descriptors must be auto, on or off")
         if ood not in DETECTORS:
             raise typer.BadParameter(f"unknown OOD detector {ood!r}: {DETECTORS.names()}")
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -107,7 +112,8 @@ def register(app: typer.Typer) -> None:
                 alpha=alpha, confidence_threshold=confidence_threshold,
                 data_seed=data_seed, n_boot=n_boot, progress=progress,
                 command="leukoflow " + " ".join(sys.argv[1:]), ship_weights=not no_weights,
-                detector_params={"knn": {"bank_size": knn_bank}})
+                detector_params={"knn": {"bank_size": knn_bank}},
+                descriptors={"auto": None, "on": True, "off": False}[descriptors])
         except (FileNotFoundError, ValueError) as exc:
             typer.echo(f"train: {exc}", err=True)
             raise typer.Exit(2) from exc

@@ -60,6 +60,8 @@ class OODDetector:
 
     registry_name: ClassVar[str] = "base"
     uses_features: ClassVar[bool] = False
+    #: Feature columns a feature-space detector reads by default (:meth:`select`).
+    default_feature_set: ClassVar[str] = "learned"
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = dict(params)
@@ -86,11 +88,46 @@ class OODDetector:
             ``(N,)`` class indices (used by class-conditional detectors).
         **context
             ``temperature`` (float) for logit detectors; ``model`` for detectors that read
-            network weights.
+            network weights; ``n_descriptors`` (int, default ``model.n_descriptors`` or 0):
+            how many trailing feature columns are physical phase descriptors
+            (``models.descriptors``) rather than learned features.
         """
-        self._fit(np.asarray(logits, np.float64), np.asarray(features, np.float64),
+        if self.uses_features:
+            model = context.get("model")
+            nd = context.get("n_descriptors", getattr(model, "n_descriptors", 0) or 0)
+            self.params["n_descriptors"] = int(nd)
+            self.params.setdefault("feature_set", self.default_feature_set)
+            self.select(np.zeros((1, np.shape(features)[1])))  # validates the choice
+        self._fit(np.asarray(logits, np.float64), self.select(np.asarray(features, np.float64)),
                   None if labels is None else np.asarray(labels), **context)
         return self
+
+    def select(self, features: np.ndarray | None) -> np.ndarray | None:
+        """The feature columns this detector reads (``params['feature_set']``).
+
+        ``learned`` (default): the network's features without trailing descriptors;
+        ``descriptors``: only the ``n_descriptors`` trailing columns; ``all``: everything.
+        Logit-only detectors get ``features`` unchanged.
+        """
+        if features is None or not self.uses_features:
+            return features
+        nd = int(self.params.get("n_descriptors", 0))
+        which = self.params.get("feature_set", self.default_feature_set)
+        f = np.asarray(features)
+        if f.ndim != 2 or f.shape[1] <= nd:
+            raise ValueError(f"{self.name}: features of shape {f.shape} cannot hold "
+                             f"{nd} descriptor columns plus learned features")
+        if which == "all" or (which == "learned" and nd == 0):
+            return f
+        if which == "learned":
+            return f[:, :f.shape[1] - nd]
+        if which == "descriptors":
+            if nd == 0:
+                raise ValueError(f"{self.name}: the model has no phase descriptors "
+                                 "(train with descriptors on, see models.descriptors)")
+            return f[:, f.shape[1] - nd:]
+        raise ValueError(f"{self.name}: feature_set must be learned, descriptors or all, "
+                         f"got {which!r}")
 
     def _fit(self, logits, features, labels, **context) -> None:  # pragma: no cover
         pass
@@ -102,9 +139,16 @@ class OODDetector:
         return self.threshold
 
     # --- scoring ----------------------------------------------------------------------
-    def score(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """OOD scores ``(N,)`` float64, larger = more OOD."""
-        raise NotImplementedError
+    def score(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """OOD scores ``(N,)`` float64, larger = more OOD.
+
+        ``features`` are the network's full feature output (learned features plus any
+        trailing descriptors); the detector picks its columns (:meth:`select`).
+        """
+        return self._score(logits, self.select(features))
+
+    def _score(self, logits: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError  # pragma: no cover
 
     def is_ood(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Boolean ``(N,)``: score above the fitted threshold."""

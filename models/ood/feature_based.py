@@ -56,7 +56,7 @@ class Mahalanobis(OODDetector):
     def required_arrays(self) -> tuple[str, ...]:
         return ("means", "precision")
 
-    def score(self, logits, features) -> np.ndarray:
+    def _score(self, logits, features) -> np.ndarray:
         f = np.asarray(features, np.float64)
         return _min_mahalanobis(f, self.arrays["means"].astype(np.float64),
                                 self.arrays["precision"].astype(np.float64)).min(1)
@@ -83,7 +83,7 @@ class RelativeMahalanobis(OODDetector):
     def required_arrays(self) -> tuple[str, ...]:
         return ("means", "precision", "mean0", "precision0")
 
-    def score(self, logits, features) -> np.ndarray:
+    def _score(self, logits, features) -> np.ndarray:
         f = np.asarray(features, np.float64)
         a = {k: v.astype(np.float64) for k, v in self.arrays.items()}
         md = _min_mahalanobis(f, a["means"], a["precision"])
@@ -129,7 +129,7 @@ class KNN(OODDetector):
     def required_arrays(self) -> tuple[str, ...]:
         return ("bank",)
 
-    def score(self, logits, features) -> np.ndarray:
+    def _score(self, logits, features) -> np.ndarray:
         q = self._normalise(np.asarray(features, np.float32))
         bank = self.arrays["bank"].astype(np.float32)
         # squared distance of unit vectors: 2 - 2 cos

@@ -25,7 +25,7 @@ class MSP(OODDetector):
         if temperature is not None:
             self.params["temperature"] = float(temperature)
 
-    def score(self, logits, features=None) -> np.ndarray:
+    def _score(self, logits, features=None) -> np.ndarray:
         z = np.asarray(logits, np.float64) / self.params["temperature"]
         return -softmax(z, axis=1).max(axis=1)
 
@@ -40,6 +40,6 @@ class Energy(OODDetector):
     def _fit(self, logits, features, labels, **_) -> None:
         pass
 
-    def score(self, logits, features=None) -> np.ndarray:
+    def _score(self, logits, features=None) -> np.ndarray:
         t = self.params["temperature"]
         return -t * logsumexp(np.asarray(logits, np.float64) / t, axis=1)

@@ -43,7 +43,7 @@ class MutualInformation(OODDetector):
         h = np.maximum(np.einsum("nd,sod->sno", f, a["w2"]) + a["b2"][:, None, :], 0.0)
         return np.einsum("snd,sod->sno", h, a["w3"]) + a["b3"][:, None, :]
 
-    def score(self, logits, features) -> np.ndarray:
+    def _score(self, logits, features) -> np.ndarray:
         logp = log_softmax(self.sample_logits(features).astype(np.float64), axis=-1)
         p = np.exp(logp)
         mean = p.mean(0)
