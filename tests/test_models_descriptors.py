@@ -204,3 +204,15 @@ def test_descriptors_survive_fp16_onnx(tmp_path):
     ref = describe(crops, PX)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, atol=0.03)
+
+
+def test_descriptor_detector_skips_classes_without_enough_cells():
+    rng = np.random.default_rng(3)
+    f, y = _blobs(300, rng, 1.0)
+    y[y == 2] = 0
+    y[:5] = 2  # class 2: 5 cells < 7 descriptors + 1
+    det = DETECTORS.create("descriptors").fit(np.zeros((300, 3)), f, y, n_descriptors=7)
+    assert det.params["classes"] == [0, 1] and det.params["classes_skipped"] == [2]
+    assert det.arrays["means"].shape == (2, 7) and np.isfinite(det.score(None, f)).all()
+    with pytest.raises(ValueError, match="no class"):
+        DETECTORS.create("descriptors").fit(np.zeros((6, 3)), f[:6], y[:6], n_descriptors=7)

@@ -37,7 +37,8 @@ class DescriptorMahalanobis(OODDetector):
     """Minimum Mahalanobis distance to per-class Gaussians of the phase descriptors.
 
     Score = min_k (d - mu_k)^T Sigma_k^-1 (d - mu_k) (squared, unitless), ``d`` the
-    descriptor vector (``feature_set='descriptors'``).
+    descriptor vector (``feature_set='descriptors'``). Classes with no more training cells
+    than descriptors are left out (listed in ``params['classes_skipped']``).
     """
 
     uses_features = True
@@ -49,16 +50,21 @@ class DescriptorMahalanobis(OODDetector):
         classes = np.unique(labels[labels >= 0])
         if classes.size == 0:
             raise ValueError("no in-distribution labels (>= 0) to fit on")
-        k, d = int(classes.max()) + 1, features.shape[1]
-        means = np.zeros((k, d))
-        precs = np.zeros((k, d, d))
-        for c in range(k):
+        d = features.shape[1]
+        means, precs, kept = [], [], []
+        for c in classes:
             fc = features[labels == c]
-            if len(fc) <= d:
-                raise ValueError(f"class {c}: {len(fc)} samples, need more than {d}")
-            means[c] = fc.mean(0)
-            precs[c] = _shrunk_precision(fc - means[c])
-        self.arrays = {"means": means.astype(np.float32), "precisions": precs.astype(np.float32)}
+            if len(fc) <= d:  # too few cells for a covariance: the class is not modelled
+                continue
+            means.append(fc.mean(0))
+            precs.append(_shrunk_precision(fc - means[-1]))
+            kept.append(int(c))
+        if not kept:
+            raise ValueError(f"descriptors: no class has more than {d} training cells")
+        self.params["classes"] = kept
+        self.params["classes_skipped"] = [int(c) for c in classes if int(c) not in kept]
+        self.arrays = {"means": np.asarray(means, np.float32),
+                       "precisions": np.asarray(precs, np.float32)}
 
     def required_arrays(self) -> tuple[str, ...]:
         return ("means", "precisions")
