@@ -161,8 +161,9 @@ def torch_scorer(detector: Any) -> nn.Module | None:
         if any(m is None for m in members):
             return None
         specs = p["members"]
-        return CombinedScore(members, [detector.arrays[f"{i}.ref"] for i in range(len(specs))],
-                             [s.get("n_ref", 1024) for s in specs])
+        refs = [detector.arrays[f"{i}.ref"] for i in range(len(specs))]
+        return CombinedScore(members, refs,
+                             [s.get("n_ref", len(r)) for s, r in zip(specs, refs, strict=True)])
     inner = _plain_scorer(detector)
     nd = int(p.get("n_descriptors", 0))
     fs = p.get("feature_set", "learned")

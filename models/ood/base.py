@@ -97,7 +97,6 @@ class OODDetector:
             nd = context.get("n_descriptors", getattr(model, "n_descriptors", 0) or 0)
             self.params["n_descriptors"] = int(nd)
             self.params.setdefault("feature_set", self.default_feature_set)
-            self.select(np.zeros((1, np.shape(features)[1])))  # validates the choice
         self._fit(np.asarray(logits, np.float64), self.select(np.asarray(features, np.float64)),
                   None if labels is None else np.asarray(labels), **context)
         return self
