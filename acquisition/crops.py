@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from acquisition.features import Detection, phase_features
+from leukoflow.acquisition.features import Detection, phase_features
 
 TWO_PI = 2.0 * math.pi
 
@@ -96,7 +96,7 @@ class CellCrop:
     bbox : tuple[int, int, int, int]
         (y0, x0, h, w) of the crop in frame coordinates [px] (may extend past the frame).
     features : dict
-        Phase features (:func:`acquisition.features.phase_features`) plus the
+        Phase features (:func:`leukoflow.acquisition.features.phase_features`) plus the
         detection's shape features and the phase centroid in frame px (``pos_y``,
         ``pos_x``).
     det : Detection

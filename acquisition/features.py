@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.ndimage as ndi
 
-from leukoflow.physics import dry_mass_pg
+from leukoflow.core.physics import dry_mass_pg
 
 #: Names of the per-cell features published in the ``feat`` map of crop messages.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -65,7 +65,7 @@ class Detection:
         Image edges the mask touches: subset of ``tblr`` (t/b = channel walls, l/r = entry
         and exit of the field of view).
     reason : str or None
-        Quality-gate rejection reason (set by :mod:`acquisition.gates`).
+        Quality-gate rejection reason (set by :mod:`leukoflow.acquisition.gates`).
     """
 
     label: int

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from acquisition.features import Detection
+from leukoflow.acquisition.features import Detection
 
 #: Rejection reasons, in evaluation order.
 REJECT_REASONS: tuple[str, ...] = (

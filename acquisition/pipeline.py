@@ -20,14 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.crops import CellCrop, CropConfig, CropExtractor
-from acquisition.features import Detection, measure_objects
-from acquisition.gates import GateConfig, QualityGates
-from acquisition.segment import SEGMENTERS, Segmentation, Segmenter, SplitConfig, split_touching
-from acquisition.sources.base import FrameValidator, RawFrame
-from acquisition.track import FinishedTrack, TrackConfig, Tracker
-from leukoflow import CLASS_NAMES
-from leukoflow.physics import DEFAULT_OPTICS, Optics
+from leukoflow.acquisition.crops import CellCrop, CropConfig, CropExtractor, window
+from leukoflow.acquisition.features import Detection, measure_objects
+from leukoflow.acquisition.gates import GateConfig, QualityGates
+from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor
+from leukoflow.acquisition.segment import (
+    SEGMENTERS,
+    Segmentation,
+    Segmenter,
+    SplitConfig,
+    split_touching,
+)
+from leukoflow.acquisition.sources.base import FrameValidator, RawFrame
+from leukoflow.acquisition.track import FinishedTrack, TrackConfig, Tracker
+from leukoflow.core.physics import DEFAULT_OPTICS, Optics
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 #: Stage names stamped (monotonic ns) into ``FrameResult.t`` and the crop messages.
 STAGES: tuple[str, ...] = ("t_acq", "t_recon", "t_segment", "t_track", "t_crop")
@@ -55,7 +62,7 @@ class PipelineConfig:
         Objects of at most this many pixels are dropped [px].
     split : bool
         Split blobs of two touching cells along their neck
-        (:func:`acquisition.segment.split_touching`) before the doublet gate; blobs whose
+        (:func:`leukoflow.acquisition.segment.split_touching`) before the doublet gate; blobs whose
         split is ambiguous stay whole and are rejected as ``doublet`` (the reason the split
         was refused is counted in ``accounting()["splits"]``).
     split_max_neck_ratio : float
@@ -85,7 +92,7 @@ class PipelineConfig:
         Crop side and captured margin [px].
     crop_isolate_px : int
         Phase farther than this from the cell mask is set to 0 rad in the crop
-        (:attr:`acquisition.crops.CropConfig.isolate_px`).
+        (:attr:`leukoflow.acquisition.crops.CropConfig.isolate_px`).
     with_amplitude : bool
         Also publish amplitude crops (not sent on the wire v1; recorded only).
     truth_match_px : float
@@ -220,10 +227,10 @@ class AcquisitionPipeline:
         Parameters.
     background : numpy.ndarray, optional
         Background hologram; needed by :meth:`process` (raw holograms).
-    optics : leukoflow.physics.Optics
+    optics : leukoflow.core.physics.Optics
         Instrument geometry (pixel size, wavelength, expected displacement, frame shape).
     reconstructor : object, optional
-        A ready :class:`acquisition.reconstruct.Reconstructor` (overrides ``background``).
+        A ready :class:`leukoflow.acquisition.reconstruct.Reconstructor` (overrides ``background``).
     """
 
     def __init__(self, config: PipelineConfig | None = None, *, background: Any = None,
@@ -272,7 +279,6 @@ class AcquisitionPipeline:
 
     # ------------------------------------------------------------------ setup
     def _make_reconstructor(self, background: Any) -> Any:
-        from acquisition.reconstruct import OffAxisConfig, Reconstructor
 
         c = self.config
         return Reconstructor(OffAxisConfig(mode=c.recon_mode, downsample=c.downsample,
@@ -554,7 +560,6 @@ class TruthScorer:
 
     def observe_cells(self, cells: list[EmittedCell]) -> None:
         """Record emitted cells (and their phase error when ``true_phase`` is set)."""
-        from acquisition.crops import window
 
         for c in cells:
             self.n_cells += 1

@@ -7,7 +7,7 @@ gates, tracking (best-focused, most central instance) and crop isolation. Traini
 former and running on the latter is a domain gap (measured: eosinophils over-counted and
 more leukocytes flagged OOD in live runs). This module produces training, calibration and
 test crops the way the instrument does: the flow simulator's frames go through
-:class:`acquisition.pipeline.AcquisitionPipeline` and every emitted cell is labelled with
+:class:`leukoflow.acquisition.pipeline.AcquisitionPipeline` and every emitted cell is labelled with
 the ground truth it was traced to (cells the gates reject never reach the classifier and
 so are not in the dataset either).
 
@@ -23,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sim.dataset import FEATURE_NAMES, crop_features, resolve_kinds
-from leukoflow import CLASS_NAMES, OOD_KINDS
+from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig
+from leukoflow.acquisition.sim import SimConfig
+from leukoflow.acquisition.sim.dataset import FEATURE_NAMES, crop_features, resolve_kinds
+from leukoflow.acquisition.sources import create_source
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 #: Version of the arrays this module produces (part of the dataset cache key of
-#: ``models.data``): bump it whenever a change alters the crops or which cells are taken.
+#: ``leukoflow.models.data``): bump it whenever a change alters the crops or which cells are taken.
 #: v1: before touching blobs were split and merged views coasted in the tracker (the shipped
 #: simulated-instrument models were trained on v1 arrays); v2: with both.
 DATASET_VERSION = 2
@@ -49,9 +52,6 @@ def _quota(n: int, parts: int, p: int) -> int:
 def _run_part(args: tuple) -> dict[str, Any]:
     """Collect one part's crops (process-pool worker); returns arrays and counts."""
     (seed, part, kinds, quota, ood, crop, sim_kwargs, pipe_kwargs) = args
-    from acquisition.pipeline import AcquisitionPipeline, PipelineConfig
-    from acquisition.sim import SimConfig
-    from acquisition.sources import create_source
 
     w = {k: 1.0 for k in kinds}
     if ood == "mix":  # the simulator's natural mix (blood + OOD fractions), any kind
@@ -177,7 +177,7 @@ def make_pipeline_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0
     concentration : float
         Objects per field of view of the generating flow.
     pipeline : dict, optional
-        :class:`acquisition.pipeline.PipelineConfig` keyword overrides.
+        :class:`leukoflow.acquisition.pipeline.PipelineConfig` keyword overrides.
 
     Returns
     -------

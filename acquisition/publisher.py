@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.features import FEATURE_NAMES
-from acquisition.pipeline import EmittedCell
-from leukoflow import transport, wire
+from leukoflow.acquisition.features import FEATURE_NAMES
+from leukoflow.acquisition.pipeline import EmittedCell
+from leukoflow.core import transport, wire
 
 DEFAULT_CROPS_ENDPOINT = transport.DEFAULT_ENDPOINTS["crops"]
 DEFAULT_COLLECTOR_ENDPOINT = transport.DEFAULT_ENDPOINTS["collector"]
@@ -34,7 +34,7 @@ def build_crops_message(sender: wire.Sender, frame: int, cells: Sequence[Emitted
 
     Parameters
     ----------
-    sender : leukoflow.wire.Sender
+    sender : leukoflow.core.wire.Sender
         Stamps run, sender and sequence number.
     frame : int
         Index of the frame in which these cells finished.

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from leukoflow.registry import Registry
+from leukoflow.acquisition.features import _convex_pixels
+from leukoflow.core.registry import Registry
 
 #: 8-connectivity structuring element (3×3 ones).
 STRUCT8 = np.ones((3, 3), dtype=bool)
@@ -520,7 +521,6 @@ def split_touching(mask: np.ndarray, phase: np.ndarray | None = None,
     """
     from skimage.segmentation import watershed
 
-    from acquisition.features import _convex_pixels
 
     c = config or SplitConfig()
     m = np.asarray(mask, dtype=bool)

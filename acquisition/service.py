@@ -1,8 +1,8 @@
 """The acquisition service: source -> pipeline -> crop publisher, with metrics and health.
 
-Configuration comes from two dataclasses resolved with :func:`leukoflow.config.resolve`:
+Configuration comes from two dataclasses resolved with :func:`leukoflow.core.config.resolve`:
 :class:`AcquireConfig` (section ``acquire``: source, limits, endpoints, ports) and
-:class:`acquisition.pipeline.PipelineConfig` (section ``acquire_pipeline``: every
+:class:`leukoflow.acquisition.pipeline.PipelineConfig` (section ``acquire_pipeline``: every
 segmentation, gating, tracking and crop parameter). Both are recorded in every accounting
 message and in :meth:`AcquireService.params`.
 
@@ -25,16 +25,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from acquisition.pipeline import AcquisitionPipeline, FrameResult, PipelineConfig
-from acquisition.sources import (
+from leukoflow.acquisition.pipeline import AcquisitionPipeline, FrameResult, PipelineConfig
+from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher
+from leukoflow.acquisition.sources import (
     EndOfStream,
     Source,
     SourceError,
     StallMonitor,
     create_source,
 )
-from acquisition.sources.file import median_background
-from leukoflow import transport
+from leukoflow.acquisition.sources.file import median_background
+from leukoflow.core import transport
+from leukoflow.core.metrics import HealthServer, ServiceMetrics
 
 log = logging.getLogger("leukoflow.acquire")
 
@@ -205,7 +207,6 @@ class AcquireService:
         """Run until a limit, the end of the source, or a stop request; return the accounting."""
         import zmq
 
-        from leukoflow.metrics import HealthServer, ServiceMetrics
 
         cfg = self.config
         self._install_signals()
@@ -217,8 +218,6 @@ class AcquireService:
         self.control = None
         t_start = time.monotonic()
         try:
-            from acquisition.publisher import AccountingPublisher, CropPublisher
-
             self.publisher = CropPublisher(ctx, self.run_id, cfg.crops_endpoint,
                                            sndhwm=cfg.sndhwm, dtype=cfg.dtype,
                                            allow_remote=cfg.allow_remote)

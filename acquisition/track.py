@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.features import Detection
+from leukoflow.acquisition.features import Detection
 
 
 @dataclass(frozen=True)

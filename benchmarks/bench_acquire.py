@@ -1,8 +1,9 @@
 """Acquisition pipeline benchmark: frames/s and cells/s on one core, per stage, with accuracy.
 
 Runs the default simulated instrument (default ROI 320×1024, default cell density) through
-the in-process :class:`acquisition.pipeline.AcquisitionPipeline` (reconstruct -> segment ->
-split -> features -> gates -> track -> crops) and reports, in one run and side by side, at
+the in-process :class:`~leukoflow.acquisition.pipeline.AcquisitionPipeline` (reconstruct ->
+segment -> split -> features -> gates -> track -> crops) and reports, in one run and side by
+side, at
 the default density and at the former default of 1.5 objects per field (where 15 % of the
 cells overlap a neighbour in every frame):
 
@@ -33,13 +34,16 @@ import os
 import sys
 import time
 
+from leukoflow.acquisition.pipeline import AcquisitionPipeline, TruthScorer
+from leukoflow.acquisition.sim import SimConfig
+from leukoflow.acquisition.sources import create_source
+
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, row  # noqa: E402
+from leukoflow.benchmarks.common import machine, row
 
 
 def _rfft_baseline(frame: np.ndarray, n: int = 50) -> float:
@@ -67,9 +71,6 @@ def _measure(concentration: float | None, target: int, max_frames: int, timing_f
     accuracy run reaches ``target`` objects in reasonable time. Every processed frame is
     scored.
     """
-    from acquisition.pipeline import AcquisitionPipeline, TruthScorer
-    from acquisition.sim import SimConfig
-    from acquisition.sources import create_source
 
     cfg = SimConfig(seed=seed) if concentration is None else SimConfig(
         seed=seed, concentration=concentration)

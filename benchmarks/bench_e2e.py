@@ -34,11 +34,13 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from common import machine, row  # noqa: E402
+from leukoflow.acquisition.pipeline_dataset import make_flow_sample
+from leukoflow.acquisition.sim import SimConfig
+from leukoflow.acquisition.sim.dataset import make_crop_dataset
+from leukoflow.benchmarks.common import machine, row
+from leukoflow.core.rtdc import write_crop_dataset
+from leukoflow.core.vocabulary import CLASS_NAMES
 
-ROOT = HERE.parent
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
 
 
@@ -54,7 +56,7 @@ def _ports() -> list[str]:
 
 def _cli_json(*args: str, timeout: float = 3600) -> dict[str, Any]:
     res = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     if res.returncode != 0:
         raise RuntimeError(f"{args[0]} failed: {res.stderr[-2000:]}")
     return json.loads(res.stdout)
@@ -74,9 +76,6 @@ def acquisition_only(duration_s: float) -> dict[str, float]:
 
 def _blood_mix_crops(n: int, seed: int) -> dict[str, Any]:
     """``n`` simulated crops in the simulator's default blood mix (leukocytes + OOD)."""
-    from acquisition.sim import SimConfig
-    from acquisition.sim.dataset import make_crop_dataset
-    from leukoflow import CLASS_NAMES
 
     cfg = SimConfig(seed=seed)
     kp = cfg.kind_probabilities
@@ -111,7 +110,6 @@ def _blood_mix_crops(n: int, seed: int) -> dict[str, Any]:
 
 def _pipeline_crops(n: int, seed: int) -> dict[str, Any]:
     """``n`` traced cells as the live acquisition path emits them from the blood mix."""
-    from acquisition.pipeline_dataset import make_flow_sample
 
     workers = max(1, int(os.environ.get("LEUKOFLOW_SIM_WORKERS", "1")))
     return make_flow_sample(n, seed=seed, workers=workers)
@@ -124,7 +122,6 @@ def make_dataset(n: int, path: Path, seed: int = 1, crops: str = "pipeline") -> 
     flow (what the worker sees in a live run); ``"isolated"``: objects rendered alone
     (``make_crop_dataset``), the older, easier check.
     """
-    from leukoflow.rtdc import write_crop_dataset
 
     if crops not in ("pipeline", "isolated"):
         raise ValueError(f"crops must be 'pipeline' or 'isolated', got {crops!r}")

@@ -37,10 +37,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine, row  # noqa: E402
-from common import main as _print_rows  # noqa: E402
+from leukoflow.benchmarks.common import machine, row
+from leukoflow.benchmarks.common import main as _print_rows
+from leukoflow.benchmarks.workload_infer import (
+    count_results,
+    make_test_artifact,
+    produce,
+    worker_process,
+)
+from leukoflow.explain.segmentation import multi_slic
+from leukoflow.models.artifact import list_artifacts
 
 PER_MSG = 64
 
@@ -48,12 +54,12 @@ PER_MSG = 64
 def _bundle():
     import torch
 
-    from explain.model import ModelBundle
+    from leukoflow.explain.model import ModelBundle
 
     try:
         return ModelBundle.from_artifact("lenet5-sim"), "lenet5-sim"
     except Exception:  # noqa: BLE001  (any load problem: fall back to timing-only model)
-        from models.architectures import LeNet5
+        from leukoflow.models.architectures import LeNet5
 
         torch.manual_seed(0)
         return ModelBundle.from_module(LeNet5()), "untrained LeNet5"
@@ -65,10 +71,9 @@ def lime_bench(quick: bool = False) -> tuple[list[dict], dict]:
     from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import Lime
 
-    from explain.lime_batched import LimeParams, cosine_kernel, explain_many
-    from explain.ort_engine import ort_scorer
-    from explain.segmentation import multi_slic
-    from explain.testing import toy_crops
+    from leukoflow.benchmarks.workload_explain import toy_crops
+    from leukoflow.explain.lime_batched import LimeParams, cosine_kernel, explain_many
+    from leukoflow.explain.ort_engine import ort_scorer
 
     torch.set_num_threads(1)
     bundle, model_name = _bundle()
@@ -157,11 +162,9 @@ def _free_port() -> int:
 
 
 def _artifact_path(tmp: str) -> str:
-    from models.artifact import list_artifacts
 
     if "lenet5-sim" in list_artifacts():
         return "lenet5-sim"
-    from inference.testing import make_test_artifact
 
     return str(make_test_artifact(Path(tmp) / "lenet5-bench", input_size=64).path)
 
@@ -186,8 +189,7 @@ def worker_rate(model: str, n_msgs: int, tmp: str, explainer: str) -> dict:
 
     import zmq
 
-    from explain.testing import explainer_process
-    from inference.testing import count_results, produce, worker_process
+    from leukoflow.benchmarks.workload_explain import explainer_process
 
     mpc = mp.get_context("spawn")
     crops_ep = f"tcp://127.0.0.1:{_free_port()}"

@@ -18,24 +18,29 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import best_time, machine, main, row  # noqa: E402
+from leukoflow.benchmarks.common import best_time, machine, main, row
+from leukoflow.benchmarks.workload_infer import (
+    count_results,
+    make_test_artifact,
+    produce,
+    synthetic_crops,
+    worker_process,
+)
+from leukoflow.inference.backends import create_backend
+from leukoflow.inference.decision import rule_from_artifact
+from leukoflow.models.artifact import list_artifacts, load_artifact
 
 BATCH = 256
 PER_MSG = 64
 
 
 def _artifact_path(tmp: str) -> str:
-    from models.artifact import list_artifacts
 
     if "lenet5-sim" in list_artifacts():
         return "lenet5-sim"
-    from inference.testing import make_test_artifact
 
     return str(make_test_artifact(Path(tmp) / "lenet5-bench", input_size=64).path)
 
@@ -45,7 +50,6 @@ def service_throughput(model: str, backend: str, n_msgs: int, port0: int, tmp: s
                        dtype: str = "float32", size: int = 64, precision: str = "fp16",
                        extra: dict | None = None) -> dict:
     """Cells/s of the service fed by a producer process (see module docstring)."""
-    from inference.testing import count_results, produce, worker_process
 
     mpc = mp.get_context("spawn")
     crops_ep = f"tcp://127.0.0.1:{port0}"
@@ -82,10 +86,6 @@ def raw_throughput(model: str, backend: str, tmp: str, batch: int = BATCH,
     import torch
     from threadpoolctl import threadpool_limits
 
-    from inference.backends import create_backend
-    from inference.decision import rule_from_artifact
-    from inference.testing import synthetic_crops
-    from models.artifact import load_artifact
 
     torch.set_num_threads(1)
     threadpool_limits(limits=1)  # the worker's budget: one thread for network and detector

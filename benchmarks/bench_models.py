@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from leukoflow.models.artifact import load_artifact
+from leukoflow.models.export import export_onnx, onnx_session
+from leukoflow.models.make_artifacts import COMMANDS, REDUCED, run_train
+from leukoflow.models.ood import DETECTORS
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _rate(fn, n_cells: int, min_time: float = 0.5, max_iter: int = 200) -> float:
@@ -47,8 +48,6 @@ def _rate(fn, n_cells: int, min_time: float = 0.5, max_iter: int = 200) -> float
 
 def bench_train(quick: bool) -> dict:
     """Rerun the lenet5-sim training command (or its reduced version); time + accuracy."""
-    from models.artifact import load_artifact
-    from models.make_artifacts import COMMANDS, REDUCED, run_train
 
     card = load_artifact("lenet5-sim").card
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,8 +72,6 @@ def bench_inference(quick: bool) -> dict:
     import numpy as np
     import torch
 
-    from models.artifact import load_artifact
-    from models.export import export_onnx, onnx_session
 
     torch.set_num_threads(1)
     out: dict = {}
@@ -112,7 +109,7 @@ def bench_vi_cost(quick: bool) -> dict:
     import torch
     from torch import nn
 
-    from models.architectures import LeNet5, LeNet5VI
+    from leukoflow.models.architectures import LeNet5, LeNet5VI
 
     torch.set_num_threads(1)
     s, n = (20, 16) if quick else (20, 256)
@@ -153,9 +150,6 @@ def bench_descriptors(quick: bool) -> dict:
     import numpy as np
     import torch
 
-    from models.artifact import load_artifact
-    from models.export import export_onnx, onnx_session
-    from models.ood import DETECTORS
 
     torch.set_num_threads(1)
     art = load_artifact("lenet5-sim")

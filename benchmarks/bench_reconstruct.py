@@ -18,18 +18,15 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, row  # noqa: E402
-
-from acquisition.reconstruct import OffAxisConfig, Reconstructor  # noqa: E402
-from acquisition.reconstruct.synth import synthetic_hologram  # noqa: E402
-from leukoflow.physics import DEFAULT_OPTICS  # noqa: E402
+from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor  # noqa: E402
+from leukoflow.acquisition.reconstruct.synth import synthetic_hologram  # noqa: E402
+from leukoflow.benchmarks.common import machine, row
+from leukoflow.core.physics import DEFAULT_OPTICS  # noqa: E402
 
 
 def _rms_wrapped(phase: np.ndarray, truth: np.ndarray, edge: int) -> float:

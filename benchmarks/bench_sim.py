@@ -1,7 +1,7 @@
 """Benchmark of the simulated instrument (one core).
 
-* frames/s of :class:`acquisition.sim.FlowSimulator` at the default ROI (patch updates over
-  precomputed background and noise banks) beside a naive full-frame baseline (render the
+* frames/s of :class:`leukoflow.acquisition.sim.FlowSimulator` at the default ROI (patch updates
+  over precomputed background and noise banks) beside a naive full-frame baseline (render the
   whole phase-grid field, upsample the full frame, form the full hologram, draw fresh noise,
   quantise) on the same objects, and their ratio;
 * crops/s of :func:`acquisition.sim.make_crop_dataset` through the hologram path and as
@@ -13,6 +13,9 @@ Usage: ``python benchmarks/bench_sim.py [--quick] [--json]``.
 from __future__ import annotations
 
 import os
+
+from leukoflow.acquisition.sim import FlowSimulator, SimConfig, make_crop_dataset
+from leukoflow.acquisition.sim.optics import fourier_upsample
 
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
@@ -26,7 +29,6 @@ import numpy as np  # noqa: E402
 
 def _naive_frame(sim, frame, rng: np.random.Generator) -> np.ndarray:
     """Full-frame hologram of ``frame``'s objects without any reuse (baseline)."""
-    from acquisition.sim.optics import fourier_upsample
 
     hp, wp = sim.phase_shape
     d = sim.d
@@ -53,7 +55,6 @@ def _rate(fn, n: int) -> tuple[float, float]:
 
 def run(quick: bool = False) -> dict:
     """Run the benchmark; returns the measured numbers (also printed by ``main``)."""
-    from acquisition.sim import FlowSimulator, SimConfig, make_crop_dataset
 
     n_frames = 200 if quick else 1500
     n_naive = 20 if quick else 100

@@ -10,20 +10,17 @@ Throughput is counted in crops/s at the receiver.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, main, row  # noqa: E402
+from leukoflow.benchmarks.common import machine, main, row
+from leukoflow.core import wire
 
 
 def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue) -> None:
     import zmq
 
-    from leukoflow import wire
 
     ctx = zmq.Context()
     s = ctx.socket(zmq.PULL)
@@ -46,7 +43,6 @@ def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue) -> None:
 def _measure(mode: str, n_msgs: int, per_msg: int, port: int) -> float:
     import zmq
 
-    from leukoflow import wire
 
     endpoint = f"tcp://127.0.0.1:{port}"
     q: mp.Queue = mp.get_context("fork").Queue()

@@ -11,7 +11,11 @@ if [ -d .gpu-wheels ]; then
     .gpu-wheels/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# the project installs as one namespace (leukoflow.*); build it into /tmp/site (no network:
+# --no-deps --no-build-isolation uses the interpreter's own setuptools)
+$PY -m pip install --quiet --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+  2>&1 | tail -2
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUTDIR=${GPU_OUT:-/tmp/gpu_out}
 mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -17,16 +17,17 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from leukoflow.explain.segmentation import multi_slic
+
 
 def run(quick: bool = False) -> dict:
     """Return timings per cell [s] on the GPU (or CPU fallback) and on the CPU."""
     import torch
 
-    from explain.lime_batched import LimeParams, explain_many
-    from explain.model import ModelBundle
-    from explain.segmentation import multi_slic
-    from explain.testing import toy_crops
-    from models.architectures import LeNet5
+    from leukoflow.benchmarks.workload_explain import toy_crops
+    from leukoflow.explain.lime_batched import LimeParams, explain_many
+    from leukoflow.explain.model import ModelBundle
+    from leukoflow.models.architectures import LeNet5
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"

@@ -19,20 +19,23 @@ Usage: ``python benchmarks/gpu_infer.py [--device cuda|cpu] [--quick] [--json]``
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine, main, row  # noqa: E402
+from leukoflow.benchmarks.common import machine, main, row
+from leukoflow.benchmarks.workload_infer import (
+    SyntheticArtifact,
+    count_results,
+    produce,
+    synthetic_crops,
+    worker_process,
+)
+from leukoflow.inference.backends import create_backend
 
 
 def service(device: str, n_msgs: int, per_msg: int, max_batch: int, size: int,
             port0: int = 5650) -> dict:
     """Service throughput (cells/s) fed by a producer process over loopback TCP."""
-    from inference.testing import count_results, produce, worker_process
 
     mpc = mp.get_context("spawn")
     crops_ep = f"tcp://127.0.0.1:{port0}"
@@ -70,8 +73,6 @@ def raw(device: str, batch: int, size: int, repeat: int) -> dict:
     """Raw model ceiling (device-resident, graph replay) and raw backend (host arrays)."""
     import torch
 
-    from inference.backends import create_backend
-    from inference.testing import SyntheticArtifact, synthetic_crops
 
     torch.set_num_threads(1)
     art = SyntheticArtifact(size)

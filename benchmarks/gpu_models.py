@@ -4,8 +4,8 @@
 
 On a CUDA device: raw LeNet5 / AlexNet (shipped widths) fp16 cells/s at batch 256, 1024
 and 2048, eager vs CUDA-graph replay (ratio printed), and, when ``tensorrt`` imports, an
-engine built through ``models.tensorrt_build`` (ONNX export -> build -> cache) and run at the
-same batch sizes. On a CPU-only machine the same code runs with tiny sizes in float32 (no
+engine built through ``leukoflow.models.tensorrt_build`` (ONNX export -> build -> cache) and run at
+the same batch sizes. On a CPU-only machine the same code runs with tiny sizes in float32 (no
 graphs, no TensorRT) so that it stays tested; those CPU numbers are not ceilings.
 """
 
@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from leukoflow.models.export import export_onnx
+from leukoflow.models.tensorrt_build import EngineRunner, Profile, build_engine, load_engine
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _timeit(fn, sync, iters: int) -> float:
@@ -38,7 +37,7 @@ def _timeit(fn, sync, iters: int) -> float:
 
 
 def _models():
-    from models.architectures import build_model
+    from leukoflow.models.architectures import build_model
 
     return {"lenet5": build_model("lenet5"),
             "alexnet_w0.25": build_model("alexnet", width=0.25, hidden=256),
@@ -96,8 +95,6 @@ def bench_tensorrt(quick: bool) -> dict:
         return {"skipped": f"tensorrt not importable ({exc})"}
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
-    from models.export import export_onnx
-    from models.tensorrt_build import EngineRunner, Profile, build_engine, load_engine
 
     out: dict = {"trt_version": trt.__version__, "models": {}}
     batches = (256,) if quick else (256, 1024, 2048)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, row  # noqa: E402
+from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor
+from leukoflow.acquisition.reconstruct.synth import synthetic_hologram
+from leukoflow.benchmarks.common import machine, row
+from leukoflow.core.physics import DEFAULT_OPTICS
 
 
 def _sync(torch, device: str) -> None:
@@ -71,9 +72,6 @@ def run(device: str = "cuda", size: int = 1024, batches: tuple[int, ...] = (8, 3
     """
     import torch
 
-    from acquisition.reconstruct import OffAxisConfig, Reconstructor
-    from acquisition.reconstruct.synth import synthetic_hologram
-    from leukoflow.physics import DEFAULT_OPTICS
 
     if device == "cpu":
         torch.set_num_threads(1)

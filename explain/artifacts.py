@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from explain.methods.base import Explanation
+from leukoflow.explain.methods.base import Explanation
 
 SCHEMA = "leukoflow-explanation/1"
 

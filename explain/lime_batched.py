@@ -14,7 +14,7 @@ With a model on a GPU (or ``engine="torch"``) everything runs in torch on the mo
 device and :func:`explain_many` puts the perturbations of several cells into one forward
 stream. On the CPU the perturbation batches of each (cell, segmentation) are built in small
 reused buffers and scored by ONNX Runtime, running the convolutional trunk only on the
-window whose outputs a perturbation can change (:mod:`explain.ort_engine`); the scores
+window whose outputs a perturbation can change (:mod:`leukoflow.explain.ort_engine`); the scores
 equal the full forward to float32 rounding.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from explain.segmentation import SlicParams, border_background, multi_slic
+from leukoflow.explain.segmentation import SlicParams, border_background, multi_slic
 
 Target = int | tuple[int, int]
 """A class index (explain its calibrated probability) or a pair (a, b) (explain the
@@ -60,7 +60,7 @@ class LimeParams:
     engine : str
         Forward engine of the perturbation batches: ``torch``, ``onnxruntime`` (CPU; an
         in-memory export of the model, with the windowed trunk of
-        :mod:`explain.ort_engine` when the model allows it), ``onnxruntime-full`` (CPU;
+        :mod:`leukoflow.explain.ort_engine` when the model allows it), ``onnxruntime-full`` (CPU;
         the whole model on every full crop, the reference of the windowed trunk) or
         ``auto`` (onnxruntime when the model is on the CPU and the export works, else
         torch). All give the same scores to float32 rounding (~1e-6).
@@ -189,7 +189,7 @@ def _ort(module: torch.nn.Module, engine: str, device: torch.device,
         if engine.startswith("onnxruntime"):
             raise RuntimeError("onnxruntime engine requested for a model not on the CPU")
         return None
-    from explain.ort_engine import ort_scorer
+    from leukoflow.explain.ort_engine import ort_scorer
 
     sc = ort_scorer(module, (int(shape[0]), int(shape[1])), window=engine != "onnxruntime-full")
     if sc is None and engine != "auto":

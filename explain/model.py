@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from leukoflow import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.models.artifact import load_artifact
 
 
 class ExplainModel(nn.Module):
@@ -35,7 +36,7 @@ class ExplainModel(nn.Module):
         Calibration temperature T (> 0); the output is ``logits / T``.
     input_size : int or None
         Side of the network input [px]; crops of another size are centre-cropped or padded
-        with 0 rad (as ``models.artifact.fit_size``; the pixel size is never changed).
+        with 0 rad (as ``leukoflow.models.artifact.fit_size``; the pixel size is never changed).
     """
 
     def __init__(self, net: nn.Module, mean: float = 0.0, std: float = 1.0,
@@ -95,8 +96,7 @@ class ModelBundle:
 
     @classmethod
     def from_artifact(cls, path_or_name: str) -> ModelBundle:
-        """Load a model artifact (``models.artifact.load_artifact``) for explanation."""
-        from models.artifact import load_artifact
+        """Load a model artifact (``leukoflow.models.artifact.load_artifact``) for explanation."""
 
         art = load_artifact(path_or_name)
         norm = art.normalisation or {"mean": 0.0, "std": 1.0}

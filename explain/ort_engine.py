@@ -6,12 +6,12 @@ model is exported in memory (no file, no pickle) once per module and crop shape;
 or ONNX Runtime is unavailable the caller falls back to PyTorch.
 
 **Windowed trunk.** A LIME perturbation replaces whole superpixels by a constant baseline.
-The largest segment (the background, segment 0 of :func:`explain.segmentation.multi_slic`)
+The largest segment (the background, segment 0 of :func:`leukoflow.explain.segmentation.multi_slic`)
 has only two states across the samples (kept or switched off), so every output of a
 padding-free convolutional trunk whose receptive field lies outside the bounding box of the
 *other* segments takes one of two values that are computed once per crop. For models of the
-``models.architectures.PhaseCNN`` form (``trunk -> flatten -> head -> fc_out``) whose trunk
-is a chain of unpadded convolutions, poolings and point-wise layers, the scorer runs the
+``leukoflow.models.architectures.PhaseCNN`` form (``trunk -> flatten -> head -> fc_out``) whose
+trunk is a chain of unpadded convolutions, poolings and point-wise layers, the scorer runs the
 trunk only on the input window whose outputs can change (the receptive field R and the
 stride S of the trunk give it exactly: output i sees input rows ``[S i, S i + R)``), pastes
 the window into the pre-computed outputs and runs the fully connected head on the result.
@@ -133,7 +133,7 @@ def _session(module: nn.Module, example: torch.Tensor, dynamic: dict[int, str]) 
 def _splittable(module: nn.Module, shape: tuple[int, int]) -> bool:
     """Whether ``module`` is an ExplainModel around a PhaseCNN whose trunk allows windows."""
     try:
-        from models.architectures import PhaseCNN
+        from leukoflow.models.architectures import PhaseCNN
     except ImportError:  # pragma: no cover
         return False
     net = getattr(module, "net", None)

@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core import transport, wire
+from leukoflow.core.metrics import HealthServer, ServiceMetrics
+
 log = logging.getLogger("leukoflow.explain")
 
 STAGE = "explain"
@@ -48,7 +51,7 @@ class ExplainConfig:
     model : str
         Model artifact name or path.
     methods : tuple of str
-        Explanation methods (``explain.methods.EXPLAINERS`` names), run in this order.
+        Explanation methods (``leukoflow.explain.methods.EXPLAINERS`` names), run in this order.
     backlog : int
         Maximum number of cells waiting; the oldest is dropped beyond it.
     batch_cells : int
@@ -209,7 +212,6 @@ class ExplainService:
     bundle: Any = None
 
     def __post_init__(self) -> None:
-        from leukoflow.metrics import ServiceMetrics
 
         self.metrics = ServiceMetrics("explain")
         self.backlog = Backlog(self.config.backlog)
@@ -230,8 +232,6 @@ class ExplainService:
         """Bind the socket, start health, receiver and worker threads; returns self."""
         import zmq
 
-        from leukoflow import transport
-        from leukoflow.metrics import HealthServer
 
         cfg = self.config
         self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
@@ -256,8 +256,8 @@ class ExplainService:
     def _load(self) -> None:
         import torch
 
-        from explain.methods import EXPLAINERS
-        from explain.model import ModelBundle
+        from leukoflow.explain.methods import EXPLAINERS
+        from leukoflow.explain.model import ModelBundle
 
         torch.set_num_threads(max(1, self.config.threads))
         if self.bundle is None:
@@ -356,7 +356,6 @@ class ExplainService:
     def _receive_loop(self) -> None:
         import zmq
 
-        from leukoflow import wire
 
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
@@ -381,7 +380,6 @@ class ExplainService:
                 self._handle(msg)
 
     def _handle(self, msg: Any) -> None:
-        from leukoflow import wire
 
         if msg.kind == "control":
             if msg.header.get("cmd") == "stop":
@@ -438,8 +436,7 @@ class ExplainService:
                 self._drop("error", len(cells))
 
     def _explain(self, cells: Sequence[FlaggedCell]) -> None:
-        from explain.artifacts import write_cell_artifact
-        from leukoflow import wire
+        from leukoflow.explain.artifacts import write_cell_artifact
 
         crops = np.stack([c.crop for c in cells])
         targets = [c.target for c in cells]

@@ -2,16 +2,19 @@
 
 Modules (one job each):
 
-* :mod:`inference.batcher` — :class:`~inference.batcher.DynamicBatcher` (run at ``max_batch``
+* :mod:`leukoflow.inference.batcher` — :class:`~leukoflow.inference.batcher.DynamicBatcher` (run at
+  ``max_batch``
   cells or when the oldest waited ``max_delay``; bucket padding; injectable clock).
-* :mod:`inference.backends` — registry ``BACKENDS`` (``torch-cpu``, ``onnxruntime``,
-  ``torch-cuda``, ``tensorrt``) and :func:`~inference.backends.create_backend` (``auto``).
-* :mod:`inference.decision` — ``softmax(logits / T)``, OOD test, confidence test.
-* :mod:`inference.differential` — :class:`~inference.differential.Differential` (counts,
-  Wilson / Clopper–Pearson 95 % intervals, probabilistic count, rejected/dropped).
-* :mod:`inference.routing` — bounded, non-blocking routing of flagged cells to the explainer.
-* :mod:`inference.accounting` — per-cell outcomes and sequence gaps.
-* :mod:`inference.telemetry` — the worker's Prometheus families.
-* :mod:`inference.worker` — the service (``leukoflow infer``).
-* :mod:`inference.testing` — artifacts, crops, producer and sink for tests and benchmarks.
+* :mod:`leukoflow.inference.backends` — registry ``BACKENDS`` (``torch-cpu``, ``onnxruntime``,
+  ``torch-cuda``, ``tensorrt``) and :func:`~leukoflow.inference.backends.create_backend` (``auto``).
+* :mod:`leukoflow.inference.decision` — ``softmax(logits / T)``, OOD test, confidence
+  test.
+* :mod:`leukoflow.inference.differential` — :class:`~leukoflow.inference.differential.Differential`
+  (counts, Wilson / Clopper–Pearson 95 % intervals, probabilistic count, rejected/dropped).
+* :mod:`leukoflow.inference.routing` — bounded, non-blocking routing of flagged cells to the
+  explainer.
+* :mod:`leukoflow.inference.accounting` — per-cell outcomes and sequence
+  gaps.
+* :mod:`leukoflow.inference.telemetry` — the worker's Prometheus families.
+* :mod:`leukoflow.inference.worker` — the service (``leukoflow infer``).
 """

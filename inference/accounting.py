@@ -4,7 +4,7 @@ Every cell that arrives in a decodable crop message ends in exactly one outcome:
 ``counted``, ``uncertain``, ``ood`` or ``rejected`` (by reason: bad shape, non-finite
 crop, backend failure, results not deliverable ...). Cells of a message that cannot even be
 decoded are rejected too when their number is known from the header, else the message is
-counted by reason. Sequence numbers per sender (:class:`leukoflow.wire.GapTracker`) expose
+counted by reason. Sequence numbers per sender (:class:`leukoflow.core.wire.GapTracker`) expose
 lost messages and sender restarts as counted gaps.
 
 ``received == counted + uncertain + ood + rejected + pending`` holds at all times
@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from leukoflow.wire import GapTracker
+from leukoflow.core.wire import GapTracker
 
 
 @dataclass

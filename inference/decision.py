@@ -25,7 +25,7 @@ _DECISION_ARRAY = np.array(DECISIONS, dtype=object)
 
 
 class OODScorer(Protocol):
-    """What the decision rule needs from an OOD detector (``models.ood``)."""
+    """What the decision rule needs from an OOD detector (``leukoflow.models.ood``)."""
 
     def score(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
         """OOD score per cell (larger = more out-of-distribution)."""
@@ -149,9 +149,10 @@ class DecisionRule:
 
 
 def rule_from_artifact(artifact: Any) -> DecisionRule:
-    """The :class:`DecisionRule` of a loaded model artifact (``models.artifact.Artifact``).
+    """The :class:`DecisionRule` of a loaded model artifact
+    (``leukoflow.models.artifact.Artifact``).
 
-    The detector comes from ``artifact.ood_detector()`` (``models.ood``); its threshold is
+    The detector comes from ``artifact.ood_detector()`` (``leukoflow.models.ood``); its threshold is
     the card's ``ood.threshold``. An artifact without a detector gets no OOD test.
     """
     ood = artifact.ood or {}

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from inference.decision import DECISIONS
-from leukoflow import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.inference.decision import DECISIONS
 
 INTERVAL_METHODS = ("wilson", "clopper-pearson")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from inference.decision import COUNTED, OOD, UNCERTAIN, Decisions
-from leukoflow import wire
+from leukoflow.core import wire
+from leukoflow.inference.decision import COUNTED, OOD, UNCERTAIN, Decisions
 
 ROUTE_REASONS = ("ood", "uncertain", "sample")
 
@@ -30,7 +30,7 @@ class ExplainRouter:
     socket : zmq.Socket or None
         Connected PUSH socket (SNDHWM small, IMMEDIATE on); None disables sending (cells are
         selected but not sent and not counted).
-    sender : leukoflow.wire.Sender
+    sender : leukoflow.core.wire.Sender
         Stamps run, sender id and sequence numbers.
     sample_rate : float
         Probability that a confident cell is also routed (0..1).
@@ -63,7 +63,7 @@ class ExplainRouter:
         Parameters
         ----------
         code : ndarray (N,) uint8
-            Decision codes (``inference.decision``).
+            Decision codes (``leukoflow.inference.decision``).
         """
         code = np.asarray(code)
         reason = np.full(code.shape, -1, dtype=np.int8)

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.metrics import ServiceMetrics
+from leukoflow.core.metrics import ServiceMetrics
+from leukoflow.inference.decision import DECISIONS
 
 
 def observe_many(hist: Any, values: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -90,7 +91,6 @@ class InferMetrics:
         self.class_names = tuple(class_names)
         self._classified = [self.m["leukoflow_cells_classified_total"].labels(c)
                             for c in self.class_names]
-        from inference.decision import DECISIONS
 
         self._decisions = [self.m["leukoflow_decisions_total"].labels(d) for d in DECISIONS]
         for c in self._classified + self._decisions:

@@ -1,10 +1,11 @@
 """The inference worker service.
 
 PULL crop messages (connects to acquisition's PUSH, so several workers share one
-acquisition), batch them dynamically (:mod:`inference.batcher`), run the backend, apply the
-decision rule (:mod:`inference.decision`), PUSH one ``results`` message per message segment
-to the collector, route flagged cells to the explainer without ever blocking
-(:mod:`inference.routing`), and account for every cell (:mod:`inference.accounting`).
+acquisition), batch them dynamically (:mod:`~leukoflow.inference.batcher`), run the
+backend, apply the decision rule (:mod:`~leukoflow.inference.decision`), PUSH one
+``results`` message per message segment to the collector, route flagged cells to the
+explainer without ever blocking (:mod:`~leukoflow.inference.routing`), and account for
+every cell (:mod:`~leukoflow.inference.accounting`).
 
 Control messages from acquisition: ``eos``/``accounting`` flush the pending cells first and
 are then forwarded verbatim to the collector (results precede them on the same socket);
@@ -38,9 +39,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from inference.accounting import Accounting
-from inference.batcher import Batch, DynamicBatcher
-from inference.decision import (
+from leukoflow.core import transport, wire
+from leukoflow.core.config import as_dict
+from leukoflow.core.metrics import HealthServer
+from leukoflow.inference.accounting import Accounting
+from leukoflow.inference.backends import create_backend
+from leukoflow.inference.batcher import Batch, DynamicBatcher
+from leukoflow.inference.decision import (
     COUNTED,
     OOD,
     UNCERTAIN,
@@ -48,9 +53,10 @@ from inference.decision import (
     Decisions,
     rule_from_artifact,
 )
-from inference.differential import Differential
-from inference.routing import ExplainRouter, _finite
-from leukoflow import wire
+from leukoflow.inference.differential import Differential
+from leukoflow.inference.routing import ROUTE_REASONS, ExplainRouter, _finite
+from leukoflow.inference.telemetry import InferMetrics, observe_many
+from leukoflow.models.artifact import load_artifact
 
 log = logging.getLogger(__name__)
 
@@ -217,16 +223,11 @@ class InferWorker:
     def _setup(self) -> None:
         import zmq
 
-        from inference.backends import create_backend
-        from inference.telemetry import InferMetrics
-        from leukoflow import transport
-        from leukoflow.metrics import HealthServer
 
         cfg = self.config
         if cfg.max_batch < 1 or cfg.max_delay_ms < 0:
             raise ValueError("max_batch must be >= 1 and max_delay_ms >= 0")
         if self._artifact is None:
-            from models.artifact import load_artifact
 
             self._artifact = load_artifact(cfg.model)
         art = self._artifact
@@ -285,7 +286,6 @@ class InferWorker:
 
     def describe(self) -> dict[str, Any]:
         """Every parameter of this worker (config, backend, decision rule)."""
-        from leukoflow.config import as_dict
 
         return {"config": as_dict(self.config), "backend": self._backend.describe(),
                 "decision": self.rule.describe(), "model": self.model_name}
@@ -497,7 +497,6 @@ class InferWorker:
                       t_done: int) -> bool:
         """Results of one message segment; False if they could not be queued (the finite
         cells are then rejected as ``results_backpressure``)."""
-        from inference.telemetry import observe_many
 
         ctx: _MsgCtx = seg.ctx
         sl = slice(row, row + seg.n)
@@ -566,7 +565,6 @@ class InferWorker:
         m = self.metrics
         if sent:
             for r, c in zip(*np.unique(reasons, return_counts=True), strict=True):
-                from inference.routing import ROUTE_REASONS
 
                 m["leukoflow_explainer_routed_total"].labels(ROUTE_REASONS[r]).inc(int(c))
         else:

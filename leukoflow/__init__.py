@@ -1,14 +1,14 @@
-"""leukoflow: live four-part white-blood-cell differential for flow QPI instruments."""
+"""leukoflow: live four-part white-blood-cell differential for flow QPI instruments.
+
+Layers (each imports only the ones below it):
+
+* :mod:`leukoflow.core` — vocabulary, wire, transport, config, physics, stats, rtdc,
+  metrics, service scaffolding; imports nothing else of ours.
+* stages — :mod:`leukoflow.acquisition`, :mod:`leukoflow.inference`,
+  :mod:`leukoflow.explain` (live explainer), :mod:`leukoflow.models`.
+* application — :mod:`leukoflow.run` (collector, recorder, orchestration, replay, live
+  view), :mod:`leukoflow.reports`, :mod:`leukoflow.research` (offline explanation
+  research), :mod:`leukoflow.benchmarks` and :mod:`leukoflow.cli`.
+"""
 
 __version__ = "0.1.0"
-
-CLASS_NAMES: tuple[str, ...] = ("neutrophil", "eosinophil", "monocyte", "lymphocyte")
-"""Leukocyte class names in model output order (same order as the PBC real-data set)."""
-
-SCORE_FEATURES: tuple[str, ...] = ("ml_score_neu", "ml_score_eos", "ml_score_mon", "ml_score_lym")
-"""dclab feature names carrying the calibrated class probabilities, in CLASS_NAMES order."""
-
-OOD_KINDS: tuple[str, ...] = (
-    "erythrocyte", "platelet", "debris", "doublet", "defocus", "digit", "noise",
-)
-"""Out-of-distribution object kinds produced by the simulated instrument."""

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812  (only for softmax/log-softmax, never relu)
 
-from leukoflow import CLASS_NAMES
-from leukoflow.registry import Registry
+from leukoflow.core.registry import Registry
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 ARCHITECTURES: Registry = Registry("architecture")
 """Name -> model class. Keyword arguments come from the card's ``arch_kwargs``."""
@@ -72,7 +72,7 @@ class PhaseCNN(nn.Module):
             )
 
     def attach_descriptors(self, module: nn.Module | None) -> None:
-        """Append ``module(x)`` (``models.descriptors.PhaseDescriptors``) to the features.
+        """Append ``module(x)`` (``leukoflow.models.descriptors.PhaseDescriptors``) to the features.
 
         The learned part is unchanged (``features``); ``forward_with_features`` then returns
         ``(N, D + n_descriptors)`` with the descriptors last. No weights are added (a

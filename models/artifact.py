@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow import __version__
+from leukoflow.models.ood import DETECTORS
+
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 """Folder holding the shipped artifacts (``models/artifacts/<name>/``)."""
 
@@ -110,7 +113,6 @@ def software_versions() -> dict[str, str]:
     """Versions of the software that produced an artifact."""
     import torch
 
-    from leukoflow import __version__
 
     out = {"leukoflow": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "numpy": np.__version__}
@@ -169,7 +171,7 @@ def _validate_card(card: Any, where: Path) -> dict[str, Any]:
         raise ArtifactError(f"{where}: confidence_threshold must be in [0, 1], got {ct!r}")
     desc = card.get("descriptors")
     if desc is not None:
-        from models.descriptors import DescriptorConfig
+        from leukoflow.models.descriptors import DescriptorConfig
 
         try:
             DescriptorConfig(**{k: v for k, v in desc.items() if k != "names"})
@@ -209,7 +211,7 @@ class Artifact:
 
     @property
     def architecture(self) -> str:
-        """Registered architecture name (``models.architectures.ARCHITECTURES``)."""
+        """Registered architecture name (``leukoflow.models.architectures.ARCHITECTURES``)."""
         return str(self.card["architecture"])
 
     @property
@@ -259,7 +261,7 @@ class Artifact:
         """Return the network with the stored weights, in ``eval()`` mode, float32."""
         import torch
 
-        from models.architectures import ARCHITECTURES
+        from leukoflow.models.architectures import ARCHITECTURES
 
         try:
             model = ARCHITECTURES.create(self.architecture, in_size=self.input_size,
@@ -275,7 +277,7 @@ class Artifact:
                                 f"{self.architecture!r}: {exc}") from exc
         desc = self.card.get("descriptors")
         if desc:
-            from models.descriptors import DescriptorConfig, PhaseDescriptors
+            from leukoflow.models.descriptors import DescriptorConfig, PhaseDescriptors
 
             cfg = DescriptorConfig(**{k: v for k, v in desc.items() if k != "names"})
             n = self.normalisation
@@ -284,10 +286,10 @@ class Artifact:
         return model.to(device=torch.device(device), dtype=torch.float32).eval()
 
     def ood_detector(self):
-        """Return the fitted OOD detector (``models.ood``), or None if the card has none."""
+        """Return the fitted OOD detector (``leukoflow.models.ood``), or None if the card has
+        none."""
         if self.ood is None:
             return None
-        from models.ood import DETECTORS
 
         cls = DETECTORS.get(self.ood["detector"])
         try:

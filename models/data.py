@@ -6,7 +6,7 @@ Sources (``load_splits(spec)``):
   ``ood_kind``): the fixed splits are used as they are. uint8 images become float32 / 255
   (these are brightfield intensities, not radians).
 * ``.npz`` with ``x``/``y`` (and optional ``kind``), or a labeled ``.rtdc`` crop dataset
-  (``leukoflow.rtdc.read_crop_dataset``): in-distribution cells (y >= 0) are split
+  (``leukoflow.core.rtdc.read_crop_dataset``): in-distribution cells (y >= 0) are split
   stratified by class into train/val/test with a seeded generator; OOD objects (y = -1)
   are kept for evaluation only.
 * ``sim`` or ``sim:<n_per_class>``: the simulated instrument
@@ -36,7 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES
+import leukoflow.acquisition.sim as sim_package
+from leukoflow.acquisition.pipeline_dataset import DATASET_VERSION, make_pipeline_dataset
+from leukoflow.acquisition.sim import make_crop_dataset
+from leukoflow.core.physics import Optics
+from leukoflow.core.rtdc import read_crop_dataset
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 
 @dataclass
@@ -97,12 +102,11 @@ class Splits:
 
 
 def _read_rtdc(path: Path) -> dict[str, Any]:
-    """``leukoflow.rtdc.read_crop_dataset`` with the HDF5 compression filters registered."""
+    """``leukoflow.core.rtdc.read_crop_dataset`` with the HDF5 compression filters registered."""
     try:
         import hdf5plugin  # noqa: F401  (registers zstd etc. with HDF5 before reading)
     except ImportError:  # pragma: no cover
         pass
-    from leukoflow.rtdc import read_crop_dataset
 
     return read_crop_dataset(path)
 
@@ -122,7 +126,6 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, float, float], seed:
 
 
 def _from_pbc_npz(path: Path) -> Splits:
-    from leukoflow.rtdc import read_crop_dataset
 
     parts = {s: read_crop_dataset(path, split=s) for s in ("train", "val", "test", "ood")}
     sp = {s: Split(d["x"], d["y"], d["kind"]) for s, d in parts.items()}
@@ -151,16 +154,13 @@ def _sim_cache_path(args: dict[str, Any]) -> Path | None:
     root = os.environ.get("LEUKOFLOW_SIM_CACHE", str(Path.home() / ".cache" / "leukoflow" / "sim"))
     if root.lower() in ("", "0", "off", "none"):
         return None
-    import acquisition.sim as simpkg
-
     h = hashlib.sha256(repr(sorted(args.items())).encode())
-    src = Path(simpkg.__file__).parent
+    src = Path(sim_package.__file__).parent
     files = sorted(src.glob("*.py"))
     if args.get("through_pipeline"):
         # crop content: the simulator, reconstruction and crop cutting, plus the declared
         # version of the dataset builder (segmentation/tracking edits that change *which*
         # cells are emitted are not in the key: clear the cache or bump DATASET_VERSION)
-        from acquisition.pipeline_dataset import DATASET_VERSION
 
         h.update(f"pipeline_dataset v{DATASET_VERSION}".encode())
         files += sorted((src.parent / "reconstruct").glob("*.py"))
@@ -192,7 +192,6 @@ def _simulate(n_per_class: int, ood_per_kind: int, seed: int,
     if through_pipeline:
         d = _pipeline_data(n_per_class, ood_per_kind, seed)
     else:
-        from acquisition.sim import make_crop_dataset
 
         d = make_crop_dataset(n_per_class, ood_per_kind, seed, through_hologram=True)
     if cache is not None:
@@ -229,7 +228,6 @@ def simulate_splits(n_per_class: int = 1000, ood_per_kind: int = 200, seed: int 
 def _sim_splits(a: dict[str, Any], b: dict[str, Any], seed: int,
                 source: dict[str, Any]) -> Splits:
     """Splits from a train/val generation ``a`` and an independent test + OOD one ``b``."""
-    from leukoflow.physics import Optics
 
     full = Split(a["x"], a["y"], a["kind"])
     ido = np.flatnonzero(full.y >= 0)
@@ -252,7 +250,6 @@ def _pipeline_data(n_per_class: int, ood_per_kind: int, seed: int) -> dict[str, 
     """Leukocytes through the default pipeline; OOD objects with :data:`OPEN_GATES`."""
     import os
 
-    from acquisition.pipeline_dataset import make_pipeline_dataset
 
     workers = max(1, int(os.environ.get("LEUKOFLOW_SIM_WORKERS", "1")))
     a = make_pipeline_dataset(n_per_class, 0, seed, workers=workers)
@@ -275,7 +272,6 @@ def simflow_splits(n_per_class: int = 1000, ood_per_kind: int = 200, seed: int =
     (keyed by the whole ``acquisition`` package source). ``LEUKOFLOW_SIM_WORKERS`` sets the
     number of generating processes (the arrays do not depend on it).
     """
-    from acquisition.pipeline_dataset import DATASET_VERSION
 
     a = _simulate(n_per_class, 0, seed, through_pipeline=True)
     b = _simulate(max(1, round(test_fraction * n_per_class)), ood_per_kind, seed + 1000,

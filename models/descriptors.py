@@ -7,8 +7,8 @@ separate those classes, such as the mean refractive index of a cell. A spherocyt
 OOD detectors miss it, although quantitative phase measures the difference directly. This
 module computes a handful of such quantities from the crop itself, inside the model graph
 (so ONNX, TensorRT and the CUDA backend carry them without extra code), and
-:class:`models.architectures.PhaseCNN` appends them to the ``features`` output. They feed
-the ``descriptors`` and ``combined`` OOD detectors (``models.ood.descriptor_based``); the
+:class:`leukoflow.models.architectures.PhaseCNN` appends them to the ``features`` output. They feed
+the ``descriptors`` and ``combined`` OOD detectors (``leukoflow.models.ood.descriptor_based``); the
 classifier never sees them.
 
 Descriptors (columns, in this order; ``A`` = object area, ``V`` = integrated phase over the

@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from models.calibration import calibration_report, softmax_t
-from models.ood import DETECTORS, FPR_CONVENTION, ood_report
+from leukoflow.models.calibration import calibration_report, softmax_t
+from leukoflow.models.data import load_eval_set
+from leukoflow.models.ood import DETECTORS, FPR_CONVENTION, ood_report
+from leukoflow.models.train import predict
 
 DEFOCUS_FEATURES = ("defocus_um", "focus_um", "defocus")
 
@@ -162,8 +164,6 @@ def evaluate_artifact(artifact, dataset: str, n_boot: int = 1000, batch_size: in
     all_detectors : bool
         Besides the card's (fitted) detector, also report MSP and energy (need no fitting).
     """
-    from models.data import load_eval_set
-    from models.train import predict
 
     test, ood, source = load_eval_set(dataset, seed)
     if len(test) == 0:

@@ -2,11 +2,12 @@
 
 Usage::
 
-    python -m models.make_artifacts              # all, in order
-    python -m models.make_artifacts lenet5-sim   # one
-    python -m models.make_artifacts --list       # print the commands
-    python -m models.make_artifacts --summary    # markdown table of the cards' metrics
-    python -m models.make_artifacts --reduced-ref  # re-record the reduced-budget reference
+    python -m leukoflow.models.make_artifacts              # all, in order
+    python -m leukoflow.models.make_artifacts lenet5-sim   # one
+    python -m leukoflow.models.make_artifacts --list       # print the commands
+    python -m leukoflow.models.make_artifacts --summary    # markdown table of the cards' metrics
+    python -m leukoflow.models.make_artifacts --reduced-ref  # re-record the reduced-budget
+    reference
 
 Every artifact is produced by one ``leukoflow train`` command (recorded verbatim in its
 card). ``--data simflow:5000:200:2500`` generates the simulated dataset deterministically,
@@ -15,7 +16,7 @@ flow simulator -> reconstruction -> segmentation -> gates -> tracking -> crops; 
 per class for train/val (85/15: 17,000 / 3,000), an independent seed for 2500 test cells per
 class and 200 objects per OOD kind, which pass the same path with the quality gates opened).
 The sets are this large for calibration: the binned ECE's finite-sample floor is ~1.2 % at
-4,000 test cells and ~0.7 % at 10,000 (``models.calibration.ece_if_calibrated``), and a
+4,000 test cells and ~0.7 % at 10,000 (``leukoflow.models.calibration.ece_if_calibrated``), and a
 temperature fitted on 1,500 validation cells missed the test optimum by 0.1. Generation
 takes ~45 CPU-minutes; ``LEUKOFLOW_SIM_WORKERS=N`` spreads it over N processes and the arrays are
 cached (``LEUKOFLOW_SIM_CACHE``). After ``lenet5-sim`` the
@@ -33,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from leukoflow.models.artifact import ARTIFACTS_DIR, update_card
 
 ROOT = Path(__file__).resolve().parents[1]
 ART = "models/artifacts"
@@ -85,7 +88,6 @@ def run_train(args: list[str]) -> tuple[dict, float]:
 
 def record_reduced_reference() -> dict:
     """Train the reduced-budget command and store its accuracy in the lenet5-sim card."""
-    from models.artifact import update_card
 
     with tempfile.TemporaryDirectory() as tmp:
         card, dt = run_train([*REDUCED, "--out", str(Path(tmp) / "reduced")])
@@ -110,7 +112,6 @@ def _ci(m: dict) -> str:
 
 def summary(names: list[str] | None = None) -> str:
     """Markdown summary of the cards in ``models/artifacts`` (numbers with 95 % CIs)."""
-    from models.artifact import ARTIFACTS_DIR
 
     lines = ["| artifact | arch | test n | accuracy % | ECE % before T | ECE % after T | "
              "ECE % if perfectly calibrated | NLL after T | T | OOD detector |",

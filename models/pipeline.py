@@ -18,12 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from models.artifact import save_artifact, to_jsonable
-from models.calibration import calibration_report, fit_temperature, reliability_diagram, softmax_t
-from models.data import Splits, load_splits
-from models.evaluate import full_report
-from models.ood import DETECTORS
-from models.train import TrainConfig, normalise, predict, train_model
+from leukoflow.models.artifact import load_artifact, save_artifact, to_jsonable, update_card
+from leukoflow.models.calibration import (
+    calibration_report,
+    fit_temperature,
+    reliability_diagram,
+    softmax_t,
+)
+from leukoflow.models.data import Splits, load_splits
+from leukoflow.models.evaluate import full_report
+from leukoflow.models.ood import DETECTORS
+from leukoflow.models.train import TrainConfig, normalise, predict, train_model
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +75,9 @@ def model_card_text(name: str, arch: str, splits: Splits) -> dict[str, str]:
 
 def _attach_descriptors(model, splits: Splits, size: int, mean: float, std: float,
                         enabled: bool | None) -> dict[str, Any] | None:
-    """Attach :class:`models.descriptors.PhaseDescriptors` if enabled; card entry or None."""
-    from models.descriptors import NAMES, DescriptorConfig, PhaseDescriptors
+    """Attach :class:`leukoflow.models.descriptors.PhaseDescriptors` if enabled; card entry or
+    None."""
+    from leukoflow.models.descriptors import NAMES, DescriptorConfig, PhaseDescriptors
 
     phase = splits.unit == "rad" and bool(splits.pixel_size_um)
     if enabled is None:
@@ -114,11 +120,11 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
     Parameters
     ----------
     data : str, Path or Splits
-        Dataset spec for :func:`models.data.load_splits` (or already loaded splits).
+        Dataset spec for :func:`leukoflow.models.data.load_splits` (or already loaded splits).
     out : str or Path
         Artifact folder to write.
     arch, arch_kwargs : str, dict
-        Architecture name (``models.architectures.ARCHITECTURES``) and kwargs.
+        Architecture name (``leukoflow.models.architectures.ARCHITECTURES``) and kwargs.
     cfg : TrainConfig
         Training hyper-parameters.
     ood_detector : str
@@ -137,13 +143,13 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
     detector_params : dict, optional
         Per-detector keyword arguments, e.g. ``{"knn": {"bank_size": 1000}}``.
     descriptors : bool, optional
-        Append the physical phase descriptors (``models.descriptors``) to the features and
+        Append the physical phase descriptors (``leukoflow.models.descriptors``) to the features and
         fit the ``descriptors`` and ``combined`` detectors. Default (None): on for phase
         crops (unit ``rad``) with a known pixel size, off otherwise (e.g. PBC intensities).
     """
     import torch
 
-    from models.architectures import build_model, count_parameters
+    from leukoflow.models.architectures import build_model, count_parameters
 
     cfg = cfg or TrainConfig()
     arch_kwargs = dict(arch_kwargs or {})
@@ -270,7 +276,6 @@ def reevaluate(artifact_path: str | Path, data: str | Path | Splits, data_seed: 
     are refitted on the training split exactly as at training time (deterministic). Only
     the card's ``metrics`` and ``ood_detectors_reported`` change; the weights do not.
     """
-    from models.artifact import load_artifact, update_card
 
     art = load_artifact(artifact_path)
     splits = data if isinstance(data, Splits) else load_splits(data, seed=data_seed)
@@ -291,7 +296,7 @@ def _vi_extra(model, x_norm: np.ndarray, y: np.ndarray, n_boot: int) -> dict[str
     """Calibration of the MC-averaged predictive without T, sample spread, MI stats."""
     import torch
 
-    from models.architectures import predictive_uncertainty
+    from leukoflow.models.architectures import predictive_uncertainty
 
     model.eval()
     outs = []

@@ -13,7 +13,7 @@ API facts this module relies on (../shared/notes/streaming-and-serving.md sectio
 * FP16: TensorRT 10 has ``BuilderFlag.FP16``; TensorRT 11 removed it (and the other
   precision flags). Strategy (:func:`fp16_strategy`): use the flag when
   ``hasattr(trt.BuilderFlag, "FP16")``; otherwise build a strongly typed network from an
-  FP16-converted ONNX model (:func:`models.export.convert_onnx_fp16`, float32 I/O kept);
+  FP16-converted ONNX model (:func:`leukoflow.models.export.convert_onnx_fp16`, float32 I/O kept);
   if that conversion is not possible, build FP32 and say so in the result.
 * Plans are tied to GPU architecture and exact TensorRT version: the cache key holds the
   model sha256, GPU name, compute capability, SM count, TensorRT version, precision and the
@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from leukoflow.models.export import ExportError, convert_onnx_fp16
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +190,7 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
     Parameters
     ----------
     onnx_path : str or Path
-        ONNX model with a dynamic batch dimension (``models.export.export_onnx``).
+        ONNX model with a dynamic batch dimension (``leukoflow.models.export.export_onnx``).
     model_sha256 : str
         ``Artifact.sha256``; part of the cache key.
     input_size : int
@@ -233,7 +235,6 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
                            str(timing_path) if timing_path.is_file() else None, str(onnx_path))
     src = onnx_path
     if strategy == "fp16_onnx":
-        from models.export import ExportError, convert_onnx_fp16
 
         src = cache / f"{onnx_path.stem}.fp16.onnx"
         try:

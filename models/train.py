@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from models.data import Augment
+from leukoflow.models.data import Augment
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class TrainConfig:
     threads : int
         torch CPU threads (1 on the shared machine).
     augment : dict
-        :class:`models.data.Augment` parameters.
+        :class:`leukoflow.models.data.Augment` parameters.
     """
 
     epochs: int = 30

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from acquisition.features import Detection
-from acquisition.pipeline import AcquisitionPipeline, TruthScorer
-from acquisition.segment import SPLIT_OUTCOMES, SplitConfig, ThresholdSegmenter, split_touching
-from acquisition.track import Tracker
+from leukoflow.acquisition.features import Detection
+from leukoflow.acquisition.pipeline import AcquisitionPipeline, TruthScorer
+from leukoflow.acquisition.segment import (
+    SPLIT_OUTCOMES,
+    SplitConfig,
+    ThresholdSegmenter,
+    split_touching,
+)
+from leukoflow.acquisition.sources import create_source
+from leukoflow.acquisition.track import Tracker
 
 W = 256
 
@@ -172,7 +178,6 @@ def test_persistent_merged_pair_is_one_counted_doublet():
 @pytest.fixture(scope="module")
 def default_run():
     """A few hundred simulated objects at the default density through the pipeline."""
-    from acquisition.sources import create_source
 
     src = create_source("sim", seed=3)
     src.open()

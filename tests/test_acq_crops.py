@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from acquisition.crops import CropConfig, CropExtractor, unwrap_fast, unwrap_robust, window
-from acquisition.features import measure_objects
-from acquisition.segment import ThresholdSegmenter
+from leukoflow.acquisition.crops import (
+    CropConfig,
+    CropExtractor,
+    has_jumps,
+    unwrap_fast,
+    unwrap_robust,
+    window,
+)
+from leukoflow.acquisition.features import measure_objects
+from leukoflow.acquisition.segment import ThresholdSegmenter
 
 
 def _cell(shape, cy, cx, r, peak):
@@ -80,7 +87,6 @@ def test_window_padding():
 
 
 def test_failed_unwrap_is_detected():
-    from acquisition.crops import has_jumps
 
     yy, xx = np.mgrid[:64, :64]
     vortex = np.arctan2(yy - 31.5, xx - 31.5)  # a residue: no unwrapping without a 2π cut

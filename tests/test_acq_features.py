@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from acquisition.features import Detection, measure_objects, phase_features
-from acquisition.gates import REJECT_REASONS, GateConfig, GateCounter, QualityGates
-from acquisition.segment import ThresholdSegmenter
-from leukoflow.physics import dry_mass_pg
+from leukoflow.acquisition.features import Detection, measure_objects, phase_features
+from leukoflow.acquisition.gates import REJECT_REASONS, GateConfig, GateCounter, QualityGates
+from leukoflow.acquisition.segment import ThresholdSegmenter
+from leukoflow.core.physics import dry_mass_pg
 
 PX = 0.34
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from acquisition.pipeline import AcquisitionPipeline, PipelineConfig, TruthScorer
-from acquisition.sources import create_source
-from acquisition.sources.base import RawFrame
+from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig, TruthScorer
+from leukoflow.acquisition.sim import SimConfig
+from leukoflow.acquisition.sources import create_source
+from leukoflow.acquisition.sources.base import RawFrame
 
 
 @dataclass
@@ -97,7 +98,6 @@ def test_params_record_every_stage():
 
 @pytest.mark.slow
 def test_simulated_run_yield_duplicates_phase_error_traceability():
-    from acquisition.sim import SimConfig
 
     # the former dense default (1.5 objects per field): many coincidences per frame
     src = create_source("sim", seed=21, config=SimConfig(seed=21, concentration=1.5))

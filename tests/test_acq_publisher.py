@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import zmq
 
-from acquisition.crops import CellCrop
-from acquisition.features import Detection
-from acquisition.pipeline import EmittedCell
-from acquisition.publisher import AccountingPublisher, CropPublisher
-from leukoflow import transport, wire
+from leukoflow.acquisition.crops import CellCrop
+from leukoflow.acquisition.features import Detection
+from leukoflow.acquisition.pipeline import EmittedCell
+from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher, build_crops_message
+from leukoflow.core import transport, wire
 
 
 def free_port() -> int:
@@ -145,7 +145,6 @@ def test_accounting_without_collector_fails_fast(ctx):
 
 def test_wire_rejects_nothing_we_send():
     s = wire.Sender(run="r", role="acquire")
-    from acquisition.publisher import build_crops_message
 
     msg = build_crops_message(s, 0, [_cell(0)], {"t_acq": 5}, with_truth=False, dtype="<f2")
     frames = wire.encode(msg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from acquisition.segment import (
+from leukoflow.acquisition.segment import (
     SEGMENTERS,
     ThresholdSegmenter,
     clear_border,

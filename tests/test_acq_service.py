@@ -16,9 +16,13 @@ import numpy as np
 import pytest
 import zmq
 
-from acquisition.service import AcquireConfig, AcquireService
-from acquisition.sources.sim import SimSource
-from leukoflow import transport, wire
+from leukoflow.acquisition.pipeline import PipelineConfig
+from leukoflow.acquisition.service import AcquireConfig, AcquireService
+from leukoflow.acquisition.sim import SimConfig
+from leukoflow.acquisition.sources.sim import SimSource
+from leukoflow.cli import app
+from leukoflow.core import transport, wire
+from leukoflow.core.config import resolve
 
 
 def free_port() -> int:
@@ -66,7 +70,6 @@ def test_bad_frames_rejected_and_backpressure_counted_service_keeps_running():
     coll = transport.make_socket(ctx, "PULL", coll_ep, bind=True)
     cfg = AcquireConfig(frames=60, metrics_port=0, collector_endpoint=coll_ep,
                         crops_endpoint=f"tcp://127.0.0.1:{free_port()}", sndhwm=2)
-    from acquisition.sim import SimConfig
 
     # dense (1.5 objects per field) so that 60 frames hold crops to drop
     svc = AcquireService(cfg, source=FaultySim(seed=4, config=SimConfig(seed=4,
@@ -170,9 +173,6 @@ def test_acquire_subprocess_publishes_serves_metrics_and_stops_on_sigterm(tmp_pa
 def test_config_layers_and_cli_errors():
     from typer.testing import CliRunner
 
-    from acquisition.pipeline import PipelineConfig
-    from leukoflow.cli import app
-    from leukoflow.config import resolve
 
     env = {"LEUKOFLOW_ACQUIRE_FRAMES": "12", "LEUKOFLOW_ACQUIRE_SOURCE": "file:/x.rtdc",
            "LEUKOFLOW_ACQUIRE_PIPELINE_THRESHOLD_RAD": "0.4"}

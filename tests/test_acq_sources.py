@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from acquisition.sources import (
+from leukoflow.acquisition.sources import (
     SOURCES,
     EndOfStream,
     FrameValidator,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from acquisition.features import Detection
-from acquisition.track import TrackConfig, Tracker
+from leukoflow.acquisition.features import Detection
+from leukoflow.acquisition.track import TrackConfig, Tracker
 
 W = 256
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from leukoflow import config, registry, transport
-from leukoflow.metrics import METRIC_NAMES, HealthServer, ServiceMetrics
+from leukoflow.core import config, registry, transport, wire
+from leukoflow.core.metrics import METRIC_NAMES, HealthServer, ServiceMetrics
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,6 @@ def test_transport_refuses_remote_bind() -> None:
 def test_push_never_blocks_when_peer_full() -> None:
     import zmq
 
-    from leukoflow import wire
 
     ctx = zmq.Context()
     pull = transport.make_socket(ctx, "PULL", "tcp://127.0.0.1:0", bind=True, hwm=2)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from leukoflow.acquisition.reconstruct.config import OffAxisConfig
+from leukoflow.acquisition.reconstruct.offaxis import Reconstructor
+from leukoflow.acquisition.reconstruct.synth import synthetic_hologram
+from leukoflow.explain.segmentation import multi_slic
+
 torch = pytest.importorskip("torch")
 
 pytestmark = [
@@ -20,9 +25,6 @@ pytestmark = [
 
 
 def test_reconstruction_cuda_matches_numpy_batched():
-    from acquisition.reconstruct.config import OffAxisConfig
-    from acquisition.reconstruct.offaxis import Reconstructor
-    from acquisition.reconstruct.synth import synthetic_hologram
 
     holo, bg, truth = synthetic_hologram((256, 512), n_frames=6, seed=5)
     cpu = Reconstructor(OffAxisConfig(), background=bg)
@@ -36,10 +38,9 @@ def test_reconstruction_cuda_matches_numpy_batched():
 
 
 def test_lime_cuda_matches_cpu():
-    from explain.lime_batched import LimeParams, explain_many
-    from explain.segmentation import multi_slic
-    from explain.testing import toy_crops
-    from models.architectures import LeNet5
+    from leukoflow.benchmarks.workload_explain import toy_crops
+    from leukoflow.explain.lime_batched import LimeParams, explain_many
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     crops, _ = toy_crops(2, seed=1)
@@ -60,10 +61,10 @@ def test_lime_cuda_matches_cpu():
 
 
 def test_guided_backprop_cuda_matches_cpu():
-    from explain.methods import EXPLAINERS
-    from explain.model import ModelBundle
-    from explain.testing import toy_crops
-    from models.architectures import LeNet5
+    from leukoflow.benchmarks.workload_explain import toy_crops
+    from leukoflow.explain.methods import EXPLAINERS
+    from leukoflow.explain.model import ModelBundle
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     crops, _ = toy_crops(1, seed=2)

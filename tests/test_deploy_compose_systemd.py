@@ -20,8 +20,9 @@ import yaml
 from typer.testing import CliRunner
 
 from leukoflow.cli import app
-from leukoflow.metrics import HealthServer, ServiceMetrics
-from leukoflow.transport import DEFAULT_METRICS_PORTS
+from leukoflow.core.config import resolve
+from leukoflow.core.metrics import HealthServer, ServiceMetrics
+from leukoflow.core.transport import DEFAULT_METRICS_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -232,19 +233,18 @@ def test_env_example_ports_match_the_contract() -> None:
 
 
 #: The configuration dataclass behind each ``LEUKOFLOW_<SECTION>_*`` environment variable.
-CONFIG_CLASSES = {"acquire": ("acquisition.service", "AcquireConfig"),
-                  "infer": ("inference.worker", "InferConfig"),
-                  "explain": ("explain.service", "ExplainConfig"),
-                  "collector": ("leukoflow.collector", "CollectorConfig")}
+CONFIG_CLASSES = {"acquire": ("leukoflow.acquisition.service", "AcquireConfig"),
+                  "infer": ("leukoflow.inference.worker", "InferConfig"),
+                  "explain": ("leukoflow.explain.service", "ExplainConfig"),
+                  "collector": ("leukoflow.run.collector", "CollectorConfig")}
 
 
 def test_env_example_variables_are_real_configuration_keys() -> None:
     """Every ``LEUKOFLOW_<SECTION>_<KEY>`` in the example is a field the service reads
-    (leukoflow.config.resolve convention), with a value its type accepts."""
+    (leukoflow.core.config.resolve convention), with a value its type accepts."""
     import dataclasses
     import importlib
 
-    from leukoflow.config import resolve
 
     env = {}
     for line in (SYSTEMD / "leukoflow.env.example").read_text().splitlines():

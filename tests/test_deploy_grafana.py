@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from leukoflow.metrics import METRIC_NAMES
+from leukoflow.core.metrics import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leukoflow.transport import DEFAULT_METRICS_PORTS
+from leukoflow.core.transport import DEFAULT_METRICS_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

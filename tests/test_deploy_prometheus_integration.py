@@ -3,7 +3,7 @@ every recording rule must return data through Prometheus' HTTP API.
 
 Two sources of metrics:
 
-* stand-in exporters: one :class:`leukoflow.metrics.ServiceMetrics` + ``HealthServer`` per
+* stand-in exporters: one :class:`leukoflow.core.metrics.ServiceMetrics` + ``HealthServer`` per
   service, fed with plausible values from a thread. They export every family of
   ``METRIC_NAMES`` and check the whole monitoring stack (config, rules, dashboards) fast
   and independently of the pipeline;
@@ -37,8 +37,9 @@ from typing import Any
 import pytest
 import yaml
 
-from leukoflow import CLASS_NAMES
-from leukoflow.metrics import METRIC_NAMES, HealthServer, ServiceMetrics
+from leukoflow.cli import app
+from leukoflow.core.metrics import METRIC_NAMES, HealthServer, ServiceMetrics
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -373,7 +374,6 @@ def descendants(pid: int) -> set[int]:
 def _cli_run_built() -> bool:
     from typer.testing import CliRunner
 
-    from leukoflow.cli import app
 
     res = CliRunner().invoke(app, ["run", "--help"])
     return res.exit_code == 0 and "not built yet" not in res.output

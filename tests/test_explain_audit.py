@@ -6,8 +6,14 @@ import json
 
 import numpy as np
 
-from explain.audit import AuditConfig, flip_labels, precision_at_k, rank_suspects, run_audit
-from explain.testing import sim_crops
+from leukoflow.benchmarks.workload_explain import sim_crops
+from leukoflow.research.audit import (
+    AuditConfig,
+    flip_labels,
+    precision_at_k,
+    rank_suspects,
+    run_audit,
+)
 
 
 def test_rank_and_precision_helpers():

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from explain.finding import (
+from leukoflow.acquisition.sim import make_crop_dataset
+from leukoflow.models.artifact import ArtifactError
+from leukoflow.research.finding import (
     FindingConfig,
     PairContrast,
     ablate_interior_blur,
@@ -111,9 +113,7 @@ def test_seed_paper_direction_on_shipped_model():
     The margins (+0.05 and -0.15) assert the direction with room for another retraining;
     they do not pin the current weights' numbers.
     """
-    from acquisition.sim import make_crop_dataset
-    from explain.model import ModelBundle
-    from models.artifact import ArtifactError
+    from leukoflow.explain.model import ModelBundle
 
     try:
         bundle = ModelBundle.from_artifact("lenet5-sim")
@@ -162,8 +162,8 @@ def test_finding_cli_writes_report(tmp_path):
 
 
 def test_blank_crops_are_counted_not_ablated():
-    from explain.model import ModelBundle
-    from models.architectures import LeNet5
+    from leukoflow.explain.model import ModelBundle
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5)

@@ -1,7 +1,7 @@
 """Explainer flood against the real inference worker: counting never waits for explanations.
 
-Real parts: the :class:`~inference.worker.InferWorker` (its own thread), the
-:class:`~explain.service.ExplainService` (receiver and worker threads, HTTP health), real
+Real parts: the :class:`~leukoflow.inference.worker.InferWorker` (its own thread), the
+:class:`~leukoflow.explain.service.ExplainService` (receiver and worker threads, HTTP health), real
 ZeroMQ sockets over loopback TCP for crops, results and explain messages. The test plays
 acquisition (PUSH bound) and the collector (PULL bound). Every cell is flagged
 (``explain_sample_rate=1``: OOD and uncertain cells always, counted cells by the sample
@@ -29,11 +29,16 @@ from typing import Any
 import pytest
 import zmq
 
-from explain.model import ModelBundle
-from explain.service import ExplainConfig, ExplainService
-from inference.testing import ResultsSink, crop_message, make_test_artifact, synthetic_crops
-from inference.worker import InferConfig, InferWorker
-from leukoflow import wire
+from leukoflow.benchmarks.workload_infer import (
+    ResultsSink,
+    crop_message,
+    make_test_artifact,
+    synthetic_crops,
+)
+from leukoflow.core import wire
+from leukoflow.explain.model import ModelBundle
+from leukoflow.explain.service import ExplainConfig, ExplainService
+from leukoflow.inference.worker import InferConfig, InferWorker
 
 SIZE = 64
 N_CELLS = 960

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from explain.lime_batched import (
+from leukoflow.benchmarks.workload_explain import toy_crops
+from leukoflow.explain.lime_batched import (
     LimeParams,
     cosine_kernel,
     explain_many,
@@ -19,14 +20,13 @@ from explain.lime_batched import (
     sample_masks,
     weighted_ridge,
 )
-from explain.model import ModelBundle
-from explain.segmentation import SlicParams, cell_mask, multi_slic, slic_segments
-from explain.testing import toy_crops
+from leukoflow.explain.model import ModelBundle
+from leukoflow.explain.segmentation import SlicParams, cell_mask, multi_slic, slic_segments
 
 
 @pytest.fixture(scope="module")
 def bundle() -> ModelBundle:
-    from models.architectures import LeNet5
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(3)
     return ModelBundle.from_module(LeNet5(), mean=0.5, std=0.6, temperature=1.3)
@@ -164,7 +164,7 @@ def test_onnxruntime_engine_matches_torch(bundle, crops, engine):
 def test_windowed_trunk_equals_full_model(bundle, crops):
     """The windowed ONNX Runtime trunk gives the full model's logits for every perturbation,
     also with a non-zero baseline and segmentations whose largest segment is not id 0."""
-    from explain.ort_engine import ort_scorer, trunk_geometry
+    from leukoflow.explain.ort_engine import ort_scorer, trunk_geometry
 
     assert trunk_geometry(bundle.module.net.trunk) == ((16, 16), (4, 4))
     win = ort_scorer(bundle.module, (64, 64))
@@ -193,7 +193,7 @@ def test_windowed_trunk_equals_full_model(bundle, crops):
 
 def test_unsupported_models_use_the_full_model(crops):
     """Padded convolutions (or non-PhaseCNN nets) cannot be windowed: full model, same scores."""
-    from explain.ort_engine import ort_scorer, trunk_geometry
+    from leukoflow.explain.ort_engine import ort_scorer, trunk_geometry
 
     class Padded(torch.nn.Module):
         def __init__(self) -> None:

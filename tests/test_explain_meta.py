@@ -10,13 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from explain.artifacts import write_cell_artifact
-from explain.meta import MetaConfig, aggregate, centre_on_phase, compute_maps, load_run, run_meta
-from explain.methods.base import Explanation
-from explain.model import ModelBundle
-from explain.spray import eigengap_k, spray
-from explain.tcav import concepts_from_truth, run_tcav
-from explain.testing import toy_crops
+from leukoflow.benchmarks.workload_explain import toy_crops
+from leukoflow.explain.artifacts import write_cell_artifact
+from leukoflow.explain.methods.base import Explanation
+from leukoflow.explain.model import ModelBundle
+from leukoflow.research.meta import (
+    MapSet,
+    MetaConfig,
+    aggregate,
+    centre_on_phase,
+    compute_maps,
+    load_run,
+    run_meta,
+)
+from leukoflow.research.spray import eigengap_k, spray
+from leukoflow.research.tcav import concepts_from_truth, run_tcav
 
 
 def _blob_maps(n: int, centre: tuple[int, int], rng) -> np.ndarray:
@@ -44,7 +52,6 @@ def test_centring_and_aggregation():
     maps = phase.copy()
     c = centre_on_phase(maps, phase)
     assert np.allclose(c[0], c[1])
-    from explain.meta import MapSet
 
     ms = MapSet(maps, phase, np.array([0, 0]), np.array([0.99, 0.6]), np.array([0, 1]),
                 [1, 2], "lime", ("a", "b"))
@@ -64,7 +71,7 @@ def test_concepts_from_truth_selects_by_property():
 
 
 def test_tcav_runs_with_ten_random_concepts():
-    from models.architectures import LeNet5
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5, name="tcav-test")
@@ -77,7 +84,7 @@ def test_tcav_runs_with_ten_random_concepts():
 
 
 def test_meta_on_dataset_and_run_folder_cli(tmp_path):
-    from models.architectures import LeNet5
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5)
@@ -118,7 +125,7 @@ def test_cli_help(args):
 
 def test_meta_runs_tcav_with_simulator_concepts(tmp_path):
     """Dataset mode with ``sim_concepts``: TCAV table in meta.json and tcav.md (plumbing)."""
-    from models.architectures import LeNet5
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5, name="meta-tcav")

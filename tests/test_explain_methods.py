@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from explain.methods import EXPLAINERS
-from explain.model import ExplainModel, ModelBundle
-from explain.testing import toy_crops
+from leukoflow.benchmarks.workload_explain import toy_crops
+from leukoflow.explain.methods import EXPLAINERS
+from leukoflow.explain.model import ExplainModel, ModelBundle
 
 
 @pytest.fixture(scope="module")
 def bundle() -> ModelBundle:
-    from models.architectures import LeNet5
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(1)
     return ModelBundle.from_module(LeNet5(), mean=0.4, std=0.5, temperature=0.8)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from explain.evaluation import deletion_vs_random, map_similarity, randomisation_check
-from explain.lime_batched import LimeParams, explain_many
-from explain.location import interior_and_rim, location_shares, pair_location_summary
-from explain.segmentation import SlicParams
-from explain.testing import sim_crops, train_small
+from leukoflow.benchmarks.workload_explain import sim_crops, train_small
+from leukoflow.explain.lime_batched import LimeParams, explain_many
+from leukoflow.explain.segmentation import SlicParams
+from leukoflow.research.evaluation import deletion_vs_random, map_similarity, randomisation_check
+from leukoflow.research.location import interior_and_rim, location_shares, pair_location_summary
 
 LIME = LimeParams(n_samples=200, slic=SlicParams(n_segments=(25, 50)))
 

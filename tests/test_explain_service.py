@@ -12,11 +12,12 @@ import pytest
 import torch
 import zmq
 
-from explain.artifacts import read_cell_artifact
-from explain.model import ModelBundle
-from explain.service import Backlog, ExplainConfig, ExplainService, FlaggedCell
-from explain.testing import toy_crops
-from leukoflow import CLASS_NAMES, transport, wire
+from leukoflow.benchmarks.workload_explain import toy_crops
+from leukoflow.core import transport, wire
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.explain.artifacts import read_cell_artifact
+from leukoflow.explain.model import ModelBundle
+from leukoflow.explain.service import Backlog, ExplainConfig, ExplainService, FlaggedCell
 
 
 def _free_port() -> int:
@@ -55,7 +56,7 @@ def _message(sender: wire.Sender, crops: np.ndarray, ids: list[int]) -> wire.Mes
 
 @pytest.fixture()
 def service(tmp_path):
-    from models.architectures import LeNet5
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(0)
     bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5, name="flood-test")

@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from explain.tcav import (
+from leukoflow.acquisition.sim import SimConfig, make_crop_dataset
+from leukoflow.acquisition.sim.flow import render_context
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.models.artifact import ArtifactError
+from leukoflow.research.tcav import (
     EXPECTED_CONCEPTS,
     _cav_classifier,
     _prediction_p,
     concept_model,
     default_layers,
+    run_tcav,
     sim_concept_sets,
 )
 
@@ -50,9 +55,6 @@ def test_prediction_test():
 
 
 def test_concept_models_impose_the_property():
-    from acquisition.sim import SimConfig
-    from acquisition.sim.flow import render_context
-    from leukoflow import CLASS_NAMES
 
     ctx = render_context(SimConfig(seed=0))
     rng = np.random.default_rng(0)
@@ -95,10 +97,7 @@ def test_tcav_granular_interior_for_eosinophils_on_shipped_model():
     the fixed seeds make the test deterministic for given weights; a retrained model may
     need the concept re-checked with the full run).
     """
-    from acquisition.sim import make_crop_dataset
-    from explain.model import ModelBundle
-    from explain.tcav import run_tcav
-    from models.artifact import ArtifactError
+    from leukoflow.explain.model import ModelBundle
 
     try:
         bundle = ModelBundle.from_artifact("lenet5-sim")

@@ -11,10 +11,17 @@ import os
 import numpy as np
 import pytest
 
-from inference.backends import AUTO_ORDER, BACKENDS, available_backends, create_backend
-from inference.backends.base import BackendUnavailable, pow2_buckets
-from inference.backends.onnx_cpu import export_onnx, onnx_path
-from inference.testing import make_test_artifact, offline_predict, synthetic_crops
+from leukoflow.benchmarks.workload_infer import (
+    SyntheticArtifact,
+    make_test_artifact,
+    offline_predict,
+    synthetic_crops,
+)
+from leukoflow.inference.backends import AUTO_ORDER, BACKENDS, available_backends, create_backend
+from leukoflow.inference.backends.base import BackendUnavailable, pow2_buckets
+from leukoflow.inference.backends.onnx_cpu import export_onnx, onnx_path
+from leukoflow.inference.decision import rule_from_artifact
+from leukoflow.models.ood import DETECTORS
 
 SIZE = 32
 
@@ -40,7 +47,6 @@ def test_registry_and_auto(tmp_path, artifact):
 def test_torch_cpu_equals_offline_exactly_at_any_batch_size(artifact):
     x = synthetic_crops(70, SIZE, seed=2)
     ref = offline_predict(artifact, x)
-    from inference.decision import rule_from_artifact
 
     rule = rule_from_artifact(artifact)
     for mb in (1, 16, 128):
@@ -98,7 +104,6 @@ def test_torch_cuda_fp16_matches_cpu():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from inference.testing import SyntheticArtifact
 
     art = SyntheticArtifact(32)  # no files: runs where safetensors is missing
     x = synthetic_crops(300, 32, seed=4)
@@ -153,8 +158,7 @@ def test_device_ood_scorers_equal_models_ood(name):
     """The torch scorers the CUDA backend runs in its graph equal the numpy detectors."""
     import torch
 
-    from inference.backends.device_ood import torch_scorer
-    from models.ood import DETECTORS
+    from leukoflow.inference.backends.device_ood import torch_scorer
 
     rng = np.random.default_rng(1)
     feats = np.abs(rng.normal(size=(300, 24))).astype(np.float32)
@@ -173,8 +177,7 @@ def test_device_ood_scorers_with_descriptor_columns(name):
     columns as the numpy detectors (learned, descriptors, or both for ``combined``)."""
     import torch
 
-    from inference.backends.device_ood import torch_scorer
-    from models.ood import DETECTORS
+    from leukoflow.inference.backends.device_ood import torch_scorer
 
     rng = np.random.default_rng(2)
     y = rng.integers(0, 4, 600)

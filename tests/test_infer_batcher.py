@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.batcher import DynamicBatcher
+from leukoflow.inference.batcher import DynamicBatcher
 
 
 class FakeClock:

@@ -13,8 +13,13 @@ from pathlib import Path
 
 import zmq
 
-from inference.testing import ResultsSink, crop_message, make_test_artifact, synthetic_crops
-from leukoflow import wire
+from leukoflow.benchmarks.workload_infer import (
+    ResultsSink,
+    crop_message,
+    make_test_artifact,
+    synthetic_crops,
+)
+from leukoflow.core import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 

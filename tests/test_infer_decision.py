@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.decision import DECISIONS, DecisionRule, softmax_t
-from inference.differential import Differential, clopper_pearson_interval, wilson_interval
+from leukoflow.inference.decision import DECISIONS, DecisionRule, softmax_t
+from leukoflow.inference.differential import Differential, clopper_pearson_interval, wilson_interval
 
 
 class FixedScores:

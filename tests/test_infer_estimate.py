@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.differential import Differential, em_prior_shift
+from leukoflow.inference.differential import Differential, em_prior_shift
 
 
 def _calibrated_sample(prior: np.ndarray, n: int, sep: float, seed: int) -> tuple:

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import zmq
 
-from inference.decision import DecisionRule
-from inference.routing import ROUTE_REASONS, ExplainRouter
-from leukoflow import wire
+from leukoflow.core import wire
+from leukoflow.inference.decision import DecisionRule
+from leukoflow.inference.routing import ROUTE_REASONS, ExplainRouter
 
 
 def test_selection_and_seeded_sampling():

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import zmq
 
-from inference.testing import (
+from leukoflow.benchmarks.workload_infer import (
     ResultsSink,
     crop_message,
     make_test_artifact,
     offline_predict,
     synthetic_crops,
 )
-from inference.worker import InferConfig, InferWorker
-from leukoflow import wire
+from leukoflow.core import wire
+from leukoflow.inference.worker import InferConfig, InferWorker
 
 SIZE = 32
 

@@ -6,10 +6,10 @@ import numpy as np
 import prometheus_client as pc
 import pytest
 
-from inference.telemetry import InferMetrics, observe_many
-from inference.worker import InferConfig
-from leukoflow.config import ConfigError, resolve
-from leukoflow.metrics import LATENCY_BUCKETS
+from leukoflow.core.config import ConfigError, resolve
+from leukoflow.core.metrics import LATENCY_BUCKETS
+from leukoflow.inference.telemetry import InferMetrics, observe_many
+from leukoflow.inference.worker import InferConfig
 
 
 def _samples(reg):

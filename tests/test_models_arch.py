@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.architectures import (
+from leukoflow.models.architectures import (
     ARCHITECTURES,
     AlexNet,
     LeNet5,

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.architectures import build_model
-from models.artifact import (
+from leukoflow.models.architectures import build_model
+from leukoflow.models.artifact import (
     ArtifactError,
     list_artifacts,
     load_artifact,
     read_card,
     save_artifact,
 )
-from models.ood import DETECTORS
+from leukoflow.models.ood import DETECTORS
 
 
 def _card(**over):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.calibration import (
+from leukoflow.models.calibration import (
     accuracy,
     adaptive_ece,
     bootstrap_ci,
     brier,
     calibration_report,
     ece,
+    ece_if_calibrated,
     fit_temperature,
     mce,
     nll,
@@ -100,7 +101,6 @@ def test_reliability_png(tmp_path):
 def test_ece_floor_of_a_calibrated_model_and_detection_of_overconfidence():
     """Labels drawn from the model's own probabilities: observed ECE sits inside the
     consistency band; sharpened (overconfident) probabilities fall outside it."""
-    from models.calibration import calibration_report, ece_if_calibrated, softmax_t
 
     rng = np.random.default_rng(5)
     z = rng.normal(0, 2.0, (4000, 4))

@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from acquisition.sim.cells import OBJECT_MODELS
-from acquisition.sim.render import RenderContext
-from models.architectures import ARCHITECTURES
-from models.descriptors import (
+from leukoflow.acquisition.sim.cells import OBJECT_MODELS
+from leukoflow.acquisition.sim.render import RenderContext
+from leukoflow.models.architectures import ARCHITECTURES
+from leukoflow.models.descriptors import (
     NAMES,
     DescriptorConfig,
     PhaseDescriptors,
     density_to_delta_n,
     describe,
 )
-from models.ood import DETECTORS, auroc
-from models.ood.descriptor_based import surprise
+from leukoflow.models.export import convert_onnx_fp16, export_onnx, onnx_session
+from leukoflow.models.ood import DETECTORS, auroc
+from leukoflow.models.ood.descriptor_based import surprise
 
 PX = 0.34
 WL = 0.530
@@ -189,7 +190,6 @@ def test_surprise_is_monotone_continuous_and_nan_safe():
 def test_descriptors_survive_fp16_onnx(tmp_path):
     """FP16 engines (the FP16 ONNX fallback, TensorRT FP16) compute the descriptor graph in
     half precision: large, dense objects must not overflow it (means, not sums)."""
-    from models.export import convert_onnx_fp16, export_onnx, onnx_session
 
     torch.manual_seed(0)
     m = ARCHITECTURES.create("lenet5", in_size=64, num_classes=4).eval()

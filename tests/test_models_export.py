@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.artifact import load_artifact
-from models.export import convert_onnx_fp16, export_onnx, onnx_session, verify_onnx
+from leukoflow.models.artifact import load_artifact
+from leukoflow.models.export import convert_onnx_fp16, export_onnx, onnx_session, verify_onnx
 
 
 @pytest.mark.parametrize("name", ["lenet5-sim", "alexnet-sim", "lenet5-vi-sim"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.ood import DETECTORS, auroc, conformal_threshold, fpr_at_tpr, ood_report
+from leukoflow.models.ood import DETECTORS, auroc, conformal_threshold, fpr_at_tpr, ood_report
 
 
 def _data(seed=0, n=600, d=16, k=4, shift=4.0):
@@ -80,7 +80,7 @@ def test_auroc_matches_sklearn_and_fpr_convention():
 def test_mutual_information_detector_matches_model():
     import torch
 
-    from models.architectures import LeNet5VI, predictive_uncertainty
+    from leukoflow.models.architectures import LeNet5VI, predictive_uncertainty
 
     torch.manual_seed(0)
     m = LeNet5VI(n_samples=6).eval()

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.tensorrt_build import (
+from leukoflow.models.export import export_onnx, onnx_session
+from leukoflow.models.tensorrt_build import (
     BuildResult,
     GpuInfo,
     Profile,
@@ -135,8 +136,7 @@ def make_fake_trt(version: str, fp16_flag: bool, parse_ok: bool = True, build_ok
 def onnx_file(tmp_path_factory):
     import torch
 
-    from models.architectures import build_model
-    from models.export import export_onnx
+    from leukoflow.models.architectures import build_model
 
     torch.manual_seed(0)
     p = tmp_path_factory.mktemp("onnx") / "m.onnx"
@@ -208,7 +208,6 @@ def test_trt11_build_converts_onnx_to_fp16_and_is_strongly_typed(onnx_file, tmp_
     assert all(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer
                if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
     # the FP16 model still runs and agrees with FP32 to fp16 accuracy
-    from models.export import onnx_session
 
     x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
     a = onnx_session(onnx_file).run(["logits"], {"crops": x})[0]

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.architectures import build_model
-from models.data import Augment, load_splits, stratified_split
-from models.train import TrainConfig, normalise, train_model
+from leukoflow.core.rtdc import write_crop_dataset
+from leukoflow.models.architectures import build_model
+from leukoflow.models.data import Augment, load_splits, stratified_split
+from leukoflow.models.train import TrainConfig, normalise, train_model
 
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
 
@@ -107,7 +108,6 @@ def test_pbc_npz_layout(real_data):
 
 def test_cli_train_evaluate_calibrate_on_rtdc(tmp_path):
     """Real files and a real subprocess: write a labeled .rtdc, train, evaluate, calibrate."""
-    from leukoflow.rtdc import write_crop_dataset
 
     x, y = _blobs(160, size=64)
     rng = np.random.default_rng(0)

@@ -1,17 +1,15 @@
-"""Datasets cut by the live acquisition path (``acquisition.pipeline_dataset``) and the
-``simflow`` spec of ``models.data`` that the shipped simulated-instrument models train on."""
+"""Datasets cut by the live acquisition path (``leukoflow.acquisition.pipeline_dataset``) and the
+``simflow`` spec of ``leukoflow.models.data`` that the shipped simulated-instrument models train
+on."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from acquisition.pipeline_dataset import (
-    _quota,
-    make_flow_sample,
-    make_pipeline_dataset,
-)
-from leukoflow import CLASS_NAMES
+from leukoflow.acquisition.pipeline_dataset import _quota, make_flow_sample, make_pipeline_dataset
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.models.data import load_splits
 
 
 def test_quota_splits_exactly():
@@ -71,7 +69,6 @@ def test_flow_sample_is_the_natural_mix_with_truth():
 
 
 def test_simflow_spec_loads_splits(tmp_path, monkeypatch):
-    from models.data import load_splits
 
     monkeypatch.setenv("LEUKOFLOW_SIM_CACHE", str(tmp_path))
     sp = load_splits("simflow:8:1")
@@ -88,7 +85,6 @@ def test_simflow_spec_loads_splits(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["simflow:8:1:0", "simflow:x", "simflow:1:2:3:4", "sim:0"])
 def test_bad_sim_specs_are_refused(spec):
-    from models.data import load_splits
 
     with pytest.raises(ValueError):
         load_splits(spec)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from acquisition.reconstruct import (
+from leukoflow.acquisition.reconstruct import (
     OffAxisConfig,
     Reconstructor,
     fit_background,
     load_hologram,
     unwrap_phase,
 )
-from acquisition.reconstruct.bgfit import border_mask
+from leukoflow.acquisition.reconstruct.bgfit import border_mask
 
 SIDEBAND = (-0.203125, -0.12109375)
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from acquisition.reconstruct import (
+from leukoflow.acquisition.reconstruct import (
     FILTERS,
     RECON_BACKENDS,
     OffAxisConfig,
@@ -20,10 +20,10 @@ from acquisition.reconstruct import (
     resolve_filter_radius,
     unwrap_phase,
 )
-from acquisition.reconstruct.filters import get_filter, qpretrieve_filter_array
-from acquisition.reconstruct.synth import synthetic_hologram
-from leukoflow.config import resolve
-from leukoflow.physics import DEFAULT_OPTICS
+from leukoflow.acquisition.reconstruct.filters import get_filter, qpretrieve_filter_array
+from leukoflow.acquisition.reconstruct.synth import synthetic_hologram
+from leukoflow.core.config import resolve
+from leukoflow.core.physics import DEFAULT_OPTICS
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from acquisition.reconstruct import HologramIOError, OffAxisConfig, Reconstructor, load_hologram
-from acquisition.reconstruct.synth import synthetic_hologram
+from leukoflow.acquisition.reconstruct import (
+    HologramIOError,
+    OffAxisConfig,
+    Reconstructor,
+    load_hologram,
+)
+from leukoflow.acquisition.reconstruct.synth import synthetic_hologram
 from leukoflow.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

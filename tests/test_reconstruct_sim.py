@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from acquisition.reconstruct import OffAxisConfig, Reconstructor
-from leukoflow.physics import DEFAULT_OPTICS
+from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor
+from leukoflow.acquisition.sim.flow import FlowSimulator
+from leukoflow.acquisition.sim.params import SimConfig
+from leukoflow.core.physics import DEFAULT_OPTICS
 
 
 def test_default_reconstruction_matches_simulator_truth():
-    from acquisition.sim.flow import FlowSimulator
-    from acquisition.sim.params import SimConfig
 
     sim = FlowSimulator(SimConfig(concentration=1.5))  # dense: cells in most frames
     rec = Reconstructor(OffAxisConfig(camera_pixel_um=DEFAULT_OPTICS.camera_pixel_um),

@@ -16,7 +16,9 @@ import subprocess
 import pytest
 from test_run_report import make_run_dir
 
-from leukoflow.report import write_run_report, write_validation_report
+from leukoflow.reports.report import write_run_report, write_validation_report
+from leukoflow.reports.validate import evaluate_predictions
+from leukoflow.run.collector import DECISIONS, read_cell_log
 
 PROBE = """<script>
 window.__errors = [];
@@ -85,10 +87,8 @@ def test_run_report_opens_in_headless_chromium(tmp_path) -> None:
 
 
 def test_validation_report_opens_in_headless_chromium(tmp_path) -> None:
-    from leukoflow.validate import evaluate_predictions
 
     run_dir = make_run_dir(tmp_path)
-    from leukoflow.collector import DECISIONS, read_cell_log
 
     recs = read_cell_log(run_dir / "cells.bin")
     res = evaluate_predictions(recs["p"], recs["label"], [DECISIONS[d] for d in recs["decision"]])

@@ -22,8 +22,9 @@ from test_run_helpers import (
     wait_for,
 )
 
-from leukoflow import CLASS_NAMES, transport, wire
-from leukoflow.collector import (
+from leukoflow.core import transport, wire
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.run.collector import (
     CELL_DTYPE,
     CellLog,
     Collector,

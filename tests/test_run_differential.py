@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 from test_run_e2e import _cli, _ports
 
-from leukoflow import CLASS_NAMES
+from leukoflow.acquisition.sim.dataset import make_crop_dataset
+from leukoflow.core.rtdc import write_crop_dataset
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.run.recorder import read_recording
 
 MIX = {"neutrophil": 55, "eosinophil": 6, "monocyte": 12, "lymphocyte": 37}
 OOD = ("erythrocyte", "debris", "defocus", "noise")
@@ -25,9 +28,6 @@ OOD = ("erythrocyte", "debris", "defocus", "noise")
 
 @pytest.mark.slow
 def test_live_differential_on_a_simulated_blood_mix(tmp_path) -> None:
-    from acquisition.sim.dataset import make_crop_dataset
-    from leukoflow.recorder import read_recording
-    from leukoflow.rtdc import write_crop_dataset
 
     xs, ys, ks = [], [], []
     for i, (cls, n) in enumerate(MIX.items()):

@@ -20,6 +20,11 @@ import numpy as np
 import pytest
 from test_run_helpers import free_port
 
+from leukoflow.acquisition.sim.dataset import make_crop_dataset
+from leukoflow.core.rtdc import read_crop_dataset, write_crop_dataset
+from leukoflow.models.artifact import load_artifact
+from leukoflow.models.evaluate import evaluate_artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
 
@@ -43,8 +48,6 @@ def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def crop_data(tmp_path_factory) -> Path:
     """A small labelled crop dataset from the simulated instrument (through the hologram)."""
-    from acquisition.sim.dataset import make_crop_dataset
-    from leukoflow.rtdc import write_crop_dataset
 
     d = make_crop_dataset(8, 2, seed=3)
     path = tmp_path_factory.mktemp("data") / "crops.rtdc"
@@ -65,7 +68,6 @@ def recording(crop_data, tmp_path_factory) -> tuple[Path, dict, Path]:
 def test_replay_records_every_cell_and_dclab_reads_it(recording, crop_data) -> None:
     import dclab
 
-    from leukoflow.rtdc import read_crop_dataset
 
     rec, summary, run_dir = recording
     n = len(read_crop_dataset(crop_data)["y"])
@@ -96,8 +98,6 @@ def test_replay_of_recording_reproduces_decisions_exactly(recording, tmp_path) -
 
 
 def test_validate_matches_offline_evaluation(recording, tmp_path) -> None:
-    from models.artifact import load_artifact
-    from models.evaluate import evaluate_artifact
 
     rec, _, _ = recording
     res = _cli("validate", str(rec), "--json", "--html", str(tmp_path / "val"))

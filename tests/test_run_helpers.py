@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES, transport, wire
+from leukoflow.core import transport, wire
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 
 def free_port() -> int:

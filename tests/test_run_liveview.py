@@ -10,8 +10,8 @@ from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, free_port, m
 from typer.testing import CliRunner
 
 from leukoflow.cli import app
-from leukoflow.collector import Collector, CollectorConfig
-from leukoflow.liveview import StateFeed, render, scrape, want_live_view
+from leukoflow.run.collector import Collector, CollectorConfig
+from leukoflow.run.liveview import StateFeed, render, scrape, want_live_view
 
 
 class _Tty(io.StringIO):

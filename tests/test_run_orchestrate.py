@@ -17,7 +17,8 @@ import urllib.request
 import numpy as np
 from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, free_port, make_crops, wait_for
 
-from leukoflow.orchestrate import (
+from leukoflow.reports.report import write_run_report
+from leukoflow.run.orchestrate import (
     CLI_PREFIX,
     ChildSpec,
     RunOptions,
@@ -25,6 +26,7 @@ from leukoflow.orchestrate import (
     build_specs,
     worker_metrics_port,
 )
+from leukoflow.run.recorder import count_events
 
 
 def _py(code: str) -> list[str]:
@@ -90,8 +92,6 @@ def test_collector_sigkill_is_restarted_and_loss_is_reported(tmp_path) -> None:
     """Kill the collector (with its recorder) mid-stream: restart, readable files, report."""
     import dclab
 
-    from leukoflow.recorder import count_events
-    from leukoflow.report import write_run_report
 
     res_ep, crops_ep, tap_ep, live_ep = endpoint(), endpoint(), endpoint(), endpoint()
     run_dir = tmp_path / "run"

@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from leukoflow.recorder import lookup3, read_recording, repair_rtdc
+from leukoflow.run.recorder import lookup3, read_recording, repair_rtdc
 
 WRITER = r"""
 import json, sys, time
 import numpy as np
-from leukoflow import CLASS_NAMES
-from leukoflow.recorder import Recorder
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.run.recorder import Recorder
 
 rec = Recorder(sys.argv[1], params={"test": {"seed": 1}}, flush_interval_s=0.5)
 rng = np.random.default_rng(0)

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, make_crops, wait_for
 
-from leukoflow import CLASS_NAMES
-from leukoflow.collector import DECISIONS, Collector, CollectorConfig, read_cell_log
-from leukoflow.report import write_run_report, write_validation_report
-from leukoflow.validate import evaluate_predictions, reliability_bins
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.inference.differential import em_prior_shift
+from leukoflow.models.calibration import ece
+from leukoflow.reports.report import fig_differential, write_run_report, write_validation_report
+from leukoflow.reports.validate import evaluate_predictions, reliability_bins
+from leukoflow.run.collector import DECISIONS, Collector, CollectorConfig, read_cell_log
 
 
 def make_run_dir(tmp_path: Path, n_frames: int = 30) -> Path:
@@ -107,7 +109,6 @@ def test_validation_metrics_by_hand() -> None:
     assert abs(d["neutrophil"]["counted_error_pp"] - 100 * (3 / 6 - 4 / 6)) < 1e-9
     # the reported differential is the prior-shift corrected estimate over the 7
     # in-distribution cells (every decision but "ood")
-    from inference.differential import em_prior_shift
 
     est = em_prior_shift(probs[[0, 1, 2, 3, 4, 5, 7]])
     assert abs(d["neutrophil"]["estimate"] - est[0]) < 1e-12
@@ -116,7 +117,6 @@ def test_validation_metrics_by_hand() -> None:
     assert res["ood"]["per_kind"] == {"digit": {"n": 1, "rejection_rate": 0.0},
                                       "noise": {"n": 1, "rejection_rate": 1.0}}
     assert res["decisions"]["rows"]["ood"] == [1, 0, 0, 0, 0, 1]
-    from models.calibration import ece
 
     assert res["calibration"]["ece"] == ece(probs[:6], labels[:6], 15)
     rel = reliability_bins(probs[:6], labels[:6])
@@ -136,7 +136,6 @@ def test_validation_html(tmp_path) -> None:
 def test_differential_figure_with_interval_not_containing_estimate(tmp_path) -> None:
     """Few cells: the bootstrap interval of an estimate at 0 % can lie above it (a live run
     of 8 cells once lost its whole report to matplotlib's negative-yerr error)."""
-    from leukoflow.report import fig_differential
 
     est = {n: {"fraction": 0.25, "lower": 0.1, "upper": 0.4} for n in CLASS_NAMES}
     est[CLASS_NAMES[1]] = {"fraction": 0.0, "lower": 0.02, "upper": 0.3}

@@ -1,7 +1,7 @@
 """Simulated instrument: crop datasets, ``leukoflow simulate`` CLI, .rtdc output, determinism.
 
 Runs the real CLI in subprocesses and reads the files back with h5py, dclab and
-leukoflow.rtdc.
+leukoflow.core.rtdc.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
-from acquisition.sim import SimConfig, make_crop_dataset
-from leukoflow import CLASS_NAMES, OOD_KINDS
+from leukoflow.acquisition.sim import SimConfig, make_crop_dataset
+from leukoflow.core.rtdc import read_crop_dataset
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,6 @@ def test_cli_run_same_seed_same_bytes(run_files):
 def test_cli_crops_writes_dataset_readable_by_dclab_and_leukoflow(tmp_path):
     import dclab
 
-    from leukoflow.rtdc import read_crop_dataset
 
     out = tmp_path / "crops.rtdc"
     res = _cli("simulate", "crops", str(out), "--per-class", "6", "--ood-per-kind", "2",

@@ -2,7 +2,7 @@
 
 Everything runs the real simulator; nothing is mocked. The ideal demodulation is written
 out here with numpy alone (FFT, crop the (H/4)×(W/4) box around the sideband, inverse FFT,
-divide by the background field) so it checks ``acquisition.sim`` independently.
+divide by the background field) so it checks ``leukoflow.acquisition.sim`` independently.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
-from acquisition.sim import (
+from leukoflow.acquisition.sim import (
     OBJECT_MODELS,
     FlowSimulator,
     SimConfig,
@@ -21,10 +21,10 @@ from acquisition.sim import (
     fourier_upsample,
     reference_demodulate,
 )
-from acquisition.sim.flow import render_context
-from acquisition.sim.render import RenderContext
-from leukoflow import CLASS_NAMES, OOD_KINDS
-from leukoflow.physics import DEFAULT_OPTICS
+from leukoflow.acquisition.sim.flow import render_context
+from leukoflow.acquisition.sim.render import RenderContext
+from leukoflow.core.physics import DEFAULT_OPTICS
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 CTX = RenderContext()
 K0 = 2 * math.pi / DEFAULT_OPTICS.wavelength_um

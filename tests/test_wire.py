@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from leukoflow import wire
-from leukoflow.wire import REASONS, Message, WireError, decode, encode
+from leukoflow.core import wire
+from leukoflow.core.wire import REASONS, Message, WireError, decode, encode
 
 CLASSES = ["neutrophil", "eosinophil", "monocyte", "lymphocyte"]
 

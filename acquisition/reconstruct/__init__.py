@@ -2,7 +2,7 @@
 
 Public API::
 
-    from acquisition.reconstruct import (OffAxisConfig, Reconstructor, unwrap_phase,
+    from leukoflow.acquisition.reconstruct import (OffAxisConfig, Reconstructor, unwrap_phase,
                                          fit_background, load_hologram, RECON_BACKENDS,
                                          FILTERS)
     rec = Reconstructor(OffAxisConfig(), background=bg)
@@ -10,14 +10,14 @@ Public API::
     rec.params                         # every resolved parameter (for metadata)
 """
 
-from acquisition.reconstruct.backends import RECON_BACKENDS, ArrayBackend
-from acquisition.reconstruct.bgfit import BackgroundFit, fit_background
-from acquisition.reconstruct.config import OffAxisConfig
-from acquisition.reconstruct.filters import FILTERS, FourierFilter, resolve_filter_radius
-from acquisition.reconstruct.io import HologramIOError, load_hologram
-from acquisition.reconstruct.offaxis import Reconstructor
-from acquisition.reconstruct.sideband import find_sideband_rfft, find_sideband_shifted
-from acquisition.reconstruct.unwrap import rebase_2pi, unwrap_phase
+from leukoflow.acquisition.reconstruct.backends import RECON_BACKENDS, ArrayBackend
+from leukoflow.acquisition.reconstruct.bgfit import BackgroundFit, fit_background
+from leukoflow.acquisition.reconstruct.config import OffAxisConfig
+from leukoflow.acquisition.reconstruct.filters import FILTERS, FourierFilter, resolve_filter_radius
+from leukoflow.acquisition.reconstruct.io import HologramIOError, load_hologram
+from leukoflow.acquisition.reconstruct.offaxis import Reconstructor
+from leukoflow.acquisition.reconstruct.sideband import find_sideband_rfft, find_sideband_shifted
+from leukoflow.acquisition.reconstruct.unwrap import rebase_2pi, unwrap_phase
 
 __all__ = [
     "ArrayBackend",

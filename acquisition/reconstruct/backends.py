@@ -12,14 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.registry import Registry
+from leukoflow.core.registry import Registry
 
 #: Registry of reconstruction array backends.
 RECON_BACKENDS: Registry[type[ArrayBackend]] = Registry("reconstruction backend")
 
 
 class ArrayBackend(ABC):
-    """Minimal array API used by :class:`~acquisition.reconstruct.offaxis.Reconstructor`.
+    """Minimal array API used by :class:`~leukoflow.acquisition.reconstruct.offaxis.Reconstructor`.
 
     All FFTs act on the last two axes. Arrays may carry leading batch axes.
     """

@@ -1,6 +1,6 @@
 """Configuration of the off-axis reconstruction (one frozen dataclass, section ``reconstruct``).
 
-Resolve it with ``leukoflow.config.resolve("reconstruct", OffAxisConfig, cli_overrides)``.
+Resolve it with ``leukoflow.core.config.resolve("reconstruct", OffAxisConfig, cli_overrides)``.
 Mode-dependent defaults (``None`` fields) are resolved by :meth:`OffAxisConfig.resolved`.
 
 Default filter choice (fast mode)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from acquisition.reconstruct.filters import FILTERS, SIZE_INTERPRETATIONS
+from leukoflow.acquisition.reconstruct.filters import FILTERS, SIZE_INTERPRETATIONS
 
 MODES = ("fast", "compatible")
 SIDEBAND_SOURCES = ("background", "hologram")
@@ -37,7 +37,7 @@ class OffAxisConfig:
         "fast" (default): float32 rfft2, Fourier crop to the phase grid, cached background
         field; "compatible": reproduces qpretrieve 0.7 numbers (float64, power-of-two padding).
     filter_name : str
-        One of :data:`~acquisition.reconstruct.filters.FILTERS` ("disk", "smooth disk",
+        One of :data:`~leukoflow.acquisition.reconstruct.filters.FILTERS` ("disk", "smooth disk",
         "gauss", "square", "smooth square", "tukey").
     filter_size : float
         Filter size in the unit of ``filter_size_interpretation``.
@@ -65,7 +65,7 @@ class OffAxisConfig:
     invert_phase : bool
         Conjugate the field (flip the phase sign).
     backend : {"numpy", "torch"}
-        Array backend (:data:`~acquisition.reconstruct.backends.RECON_BACKENDS`).
+        Array backend (:data:`~leukoflow.acquisition.reconstruct.backends.RECON_BACKENDS`).
     device : str
         Torch device ("cpu", "cuda", "cuda:0"); the numpy backend needs "cpu".
     workers : int

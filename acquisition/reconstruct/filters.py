@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 from scipy import signal
 
-from leukoflow.registry import Registry
+from leukoflow.core.registry import Registry
 
 #: Registry of Fourier filters by qpretrieve name.
 FILTERS: Registry[type[FourierFilter]] = Registry("Fourier filter")

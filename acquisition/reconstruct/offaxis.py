@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.reconstruct.backends import ArrayBackend, create_backend
-from acquisition.reconstruct.bgfit import fit_background
-from acquisition.reconstruct.config import OffAxisConfig
-from acquisition.reconstruct.filters import (
+from leukoflow.acquisition.reconstruct.backends import ArrayBackend, create_backend
+from leukoflow.acquisition.reconstruct.bgfit import fit_background
+from leukoflow.acquisition.reconstruct.config import OffAxisConfig
+from leukoflow.acquisition.reconstruct.filters import (
     get_filter,
     qpretrieve_filter_array,
     resolve_filter_radius,
 )
-from acquisition.reconstruct.sideband import find_sideband_rfft, find_sideband_shifted
-from acquisition.reconstruct.unwrap import unwrap_phase
+from leukoflow.acquisition.reconstruct.sideband import find_sideband_rfft, find_sideband_shifted
+from leukoflow.acquisition.reconstruct.unwrap import unwrap_phase
 
 log = logging.getLogger(__name__)
 

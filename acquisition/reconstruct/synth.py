@@ -1,6 +1,6 @@
 """Synthetic off-axis holograms with known phase (tests, benchmarks, device checks).
 
-Not a physical simulator (that is :mod:`acquisition.sim`): smooth, band-limited phase
+Not a physical simulator (that is :mod:`leukoflow.acquisition.sim`): smooth, band-limited phase
 objects on a tilted carrier, with a weak static aberration shared by the background,
 an illumination gradient, shot-like noise and 8-bit quantisation.
 """

@@ -1,6 +1,6 @@
 """Simulated off-axis QPI flow instrument: the default camera source and training-data generator.
 
-Physics (defaults from :class:`leukoflow.physics.Optics`, see docs/CONTRACTS.md):
+Physics (defaults from :class:`leukoflow.core.physics.Optics`, see docs/CONTRACTS.md):
 
 * objects are phase maps on the phase grid (0.34 µm, 80×256 frame):
   phase = 2π/λ·[(n_cyto - n_medium)·t_cell + (n_nucleus - n_cyto)·t_nucleus] + granules,
@@ -20,23 +20,23 @@ Physics (defaults from :class:`leukoflow.physics.Optics`, see docs/CONTRACTS.md)
 
 Public API::
 
-    from acquisition.sim import SimConfig, FlowSimulator, make_crop_dataset, CellTruth, Frame
+    from leukoflow.acquisition.sim import SimConfig, FlowSimulator, make_crop_dataset
     sim = FlowSimulator(SimConfig(seed=0))
     for fr in sim.frames(10):
         phase = sim.true_phase(fr)
 """
 
-from acquisition.sim.cells import OBJECT_MODELS, LeukocyteParams, ObjectModel
-from acquisition.sim.dataset import make_crop_dataset
-from acquisition.sim.flow import CellTruth, FlowSimulator, Frame
-from acquisition.sim.optics import (
+from leukoflow.acquisition.sim.cells import OBJECT_MODELS, LeukocyteParams, ObjectModel
+from leukoflow.acquisition.sim.dataset import make_crop_dataset
+from leukoflow.acquisition.sim.flow import CellTruth, FlowSimulator, Frame
+from leukoflow.acquisition.sim.optics import (
     angular_spectrum,
     demodulate_field,
     fourier_upsample,
     reference_demodulate,
 )
-from acquisition.sim.params import BackgroundModel, CameraModel, SimConfig
-from acquisition.sim.render import PhaseObject, RenderContext
+from leukoflow.acquisition.sim.params import BackgroundModel, CameraModel, SimConfig
+from leukoflow.acquisition.sim.render import PhaseObject, RenderContext
 
 __all__ = [
     "OBJECT_MODELS", "BackgroundModel", "CameraModel", "CellTruth", "FlowSimulator", "Frame",

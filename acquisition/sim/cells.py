@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from acquisition.sim.render import (
+from leukoflow.acquisition.sim.render import (
     PhaseObject,
     RenderContext,
     ellipsoid,
@@ -29,8 +29,8 @@ from acquisition.sim.render import (
     smooth_noise,
     splat,
 )
-from leukoflow import CLASS_NAMES
-from leukoflow.registry import Registry
+from leukoflow.core.registry import Registry
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 
 class ObjectModel:

@@ -16,14 +16,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from acquisition.sim import ood as _ood  # noqa: F401  (registers the OOD object models)
-from acquisition.sim.cells import OBJECT_MODELS
-from acquisition.sim.flow import render_context
-from acquisition.sim.optics import Camera, Interferometer, demodulate_field, fourier_upsample
-from acquisition.sim.params import SimConfig
-from acquisition.sim.render import PhaseObject
-from leukoflow import CLASS_NAMES, OOD_KINDS
-from leukoflow.physics import dry_mass_pg
+from leukoflow.acquisition.sim import ood as _ood  # noqa: F401  (registers the OOD object models)
+from leukoflow.acquisition.sim.cells import OBJECT_MODELS
+from leukoflow.acquisition.sim.flow import render_context
+from leukoflow.acquisition.sim.optics import (
+    Camera,
+    Interferometer,
+    demodulate_field,
+    fourier_upsample,
+)
+from leukoflow.acquisition.sim.params import SimConfig
+from leukoflow.acquisition.sim.render import PhaseObject
+from leukoflow.core.physics import dry_mass_pg
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 #: Phase threshold of the feature mask [rad].
 MASK_THRESHOLD_RAD = 0.25

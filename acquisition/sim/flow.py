@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from acquisition.sim import ood as _ood  # noqa: F401  (registers the OOD object models)
-from acquisition.sim.cells import OBJECT_MODELS
-from acquisition.sim.optics import Camera, Interferometer, fourier_upsample
-from acquisition.sim.params import SimConfig
-from acquisition.sim.render import PhaseObject, RenderContext
+from leukoflow.acquisition.sim import ood as _ood  # noqa: F401  (registers the OOD object models)
+from leukoflow.acquisition.sim.cells import OBJECT_MODELS
+from leukoflow.acquisition.sim.optics import Camera, Interferometer, fourier_upsample
+from leukoflow.acquisition.sim.params import SimConfig
+from leukoflow.acquisition.sim.render import PhaseObject, RenderContext
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from acquisition.sim.cells import OBJECT_MODELS, ObjectModel, leukocyte_model
-from acquisition.sim.optics import angular_spectrum
-from acquisition.sim.render import (
+from leukoflow.acquisition.sim.cells import OBJECT_MODELS, ObjectModel, leukocyte_model
+from leukoflow.acquisition.sim.optics import angular_spectrum
+from leukoflow.acquisition.sim.render import (
     PhaseObject,
     RenderContext,
     ellipsoid,
@@ -24,7 +24,7 @@ from acquisition.sim.render import (
     smooth_noise,
     soft_window,
 )
-from leukoflow import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 
 def _obj(kind: str, phase: np.ndarray, ctx: RenderContext, diameter: float, extent: float,

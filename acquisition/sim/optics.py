@@ -15,7 +15,7 @@ import math
 import numpy as np
 import scipy.fft as sfft
 
-from acquisition.sim.params import BackgroundModel, CameraModel
+from leukoflow.acquisition.sim.params import BackgroundModel, CameraModel
 
 # --------------------------------------------------------------------------------------
 # propagation and band-limited resampling

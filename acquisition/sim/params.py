@@ -1,6 +1,6 @@
 """Parameters of the simulated QPI flow instrument (one dataclass, recorded with the data).
 
-The optical geometry comes from :class:`leukoflow.physics.Optics`; everything else that
+The optical geometry comes from :class:`leukoflow.core.physics.Optics`; everything else that
 shapes the simulated data (class mix, OOD mix, flow, camera, background artefacts) lives in
 :class:`SimConfig`. ``SimConfig.to_dict()`` gives a JSON-safe dict for ``pipeline:``
 metadata, so every run and dataset records the parameters it was made with.
@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from leukoflow import CLASS_NAMES, OOD_KINDS
-from leukoflow.physics import DEFAULT_OPTICS, Optics
+from leukoflow.core.physics import DEFAULT_OPTICS, Optics
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 #: Leukocyte mix of normal human blood (fractions of all leukocytes), CLASS_NAMES keys.
 DEFAULT_CLASS_FRACTIONS: dict[str, float] = {
@@ -101,7 +101,7 @@ class SimConfig:
     ----------
     seed : int
         Master seed; the same seed gives the same bytes.
-    optics : leukoflow.physics.Optics
+    optics : leukoflow.core.physics.Optics
         Optical geometry (wavelength [µm], medium index, pixel sizes, ROI, carrier
         [cycles/px], frame rate [1/s], mean flow speed [µm/s], bit depth).
     class_fractions : dict[str, float]

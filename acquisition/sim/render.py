@@ -1,8 +1,8 @@
 """Small rendering helpers for phase maps on the phase grid.
 
 Everything here works in µm on a square patch whose centre is pixel ``n // 2``; phase maps
-are float32 [rad]. The object models in :mod:`acquisition.sim.cells` and
-:mod:`acquisition.sim.ood` build on these.
+are float32 [rad]. The object models in :mod:`leukoflow.acquisition.sim.cells` and
+:mod:`leukoflow.acquisition.sim.ood` build on these.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from leukoflow import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES
 
 
 @dataclass(frozen=True)

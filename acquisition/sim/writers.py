@@ -1,4 +1,4 @@
-"""Write simulated runs and crop datasets as ``.rtdc`` files (via :mod:`leukoflow.rtdc`).
+"""Write simulated runs and crop datasets as ``.rtdc`` files (via :mod:`leukoflow.core.rtdc`).
 
 Raw run: events ``qpi_oah`` (uint8 holograms), ``qpi_oah_bg`` (the background hologram,
 repeated per event as dclab expects), ``frame``, ``time`` [s], ``index``; ground truth per
@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sim.flow import CellTruth, FlowSimulator
-from acquisition.sim.params import SimConfig
-from leukoflow import CLASS_NAMES, OOD_KINDS
+from leukoflow.acquisition.sim.flow import CellTruth, FlowSimulator
+from leukoflow.acquisition.sim.params import SimConfig
+from leukoflow.core.rtdc import RtdcWriter, base_meta, write_crop_dataset
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 #: Kind codes of the ground-truth table (``kind_code`` indexes this list).
 KIND_NAMES: tuple[str, ...] = tuple(CLASS_NAMES) + tuple(OOD_KINDS)
@@ -44,7 +45,6 @@ def truth_table(rows: list[tuple[int, CellTruth]]) -> np.ndarray:
 
 def instrument_meta(cfg: SimConfig, sample: str) -> dict[str, dict[str, Any]]:
     """dclab metadata sections describing the simulated instrument."""
-    from leukoflow.rtdc import base_meta
 
     o = cfg.optics
     meta = base_meta(o, sample=sample)
@@ -80,7 +80,6 @@ def write_run(path: str | Path, cfg: SimConfig, n_frames: int, chunk: int = 32) 
     dict
         Summary: path, frames, objects by kind, truth rows, shape, seed.
     """
-    from leukoflow.rtdc import RtdcWriter
 
     if n_frames < 1:
         raise ValueError("n_frames must be >= 1")
@@ -123,7 +122,6 @@ def write_crops(path: str | Path, data: dict, cfg: SimConfig | None = None) -> d
     feature (including ``diameter_um``, ``defocus_um``, ``pha_mean``, ``pha_max``) is also
     stored in ``tables/crop_features``.
     """
-    from leukoflow.rtdc import write_crop_dataset
 
     cfg = cfg or SimConfig.from_dict(data["meta"]["sim"])
     meta = instrument_meta(cfg, sample=f"simulated crops seed {data['meta']['seed']}")

@@ -5,8 +5,8 @@
 from a spec string with :func:`create_source` (``sim``, ``file:PATH``, ``camera:opencv:0``).
 """
 
-from acquisition.sources import file, genicam, opencv, sim  # noqa: F401  (registration)
-from acquisition.sources.base import (
+from leukoflow.acquisition.sources import file, genicam, opencv, sim  # noqa: F401  (registration)
+from leukoflow.acquisition.sources.base import (
     FRAME_REJECT_REASONS,
     SOURCES,
     EndOfStream,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.registry import Registry
+from leukoflow.core.registry import Registry
 
 SOURCES: Registry = Registry("camera source")
 
@@ -42,7 +42,7 @@ class RawFrame:
     image : numpy.ndarray
         The raw hologram (rows × cols), usually uint8.
     truth : list or None
-        Ground truth of simulated frames (``acquisition.sim`` ``CellTruth`` objects).
+        Ground truth of simulated frames (``leukoflow.acquisition.sim`` ``CellTruth`` objects).
     origin : object, optional
         The source's own frame object (the simulator's ``Frame``, for ``true_phase``).
     """

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sources.base import SOURCES, EndOfStream, RawFrame, Source, SourceError
+from leukoflow.acquisition.sources.base import SOURCES, EndOfStream, RawFrame, Source, SourceError
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")

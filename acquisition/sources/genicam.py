@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sources.base import SOURCES, RawFrame, Source, SourceError
+from leukoflow.acquisition.sources.base import SOURCES, RawFrame, Source, SourceError
 
 MISSING = ("the GenICam source needs the optional 'camera' extra (harvesters): "
            "pip install 'leukoflow[camera]'")

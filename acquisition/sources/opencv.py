@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sources.base import SOURCES, RawFrame, Source, SourceError
+from leukoflow.acquisition.sources.base import SOURCES, RawFrame, Source, SourceError
 
 
 @SOURCES.register("opencv")

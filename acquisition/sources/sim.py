@@ -1,4 +1,4 @@
-"""Simulated instrument source (default): wraps :class:`acquisition.sim.FlowSimulator`."""
+"""Simulated instrument source (default): wraps :class:`leukoflow.acquisition.sim.FlowSimulator`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from acquisition.sources.base import SOURCES, EndOfStream, RawFrame, Source
+from leukoflow.acquisition.sim import FlowSimulator, SimConfig
+from leukoflow.acquisition.sources.base import SOURCES, EndOfStream, RawFrame, Source
 
 
 @SOURCES.register("sim")
@@ -26,14 +27,13 @@ class SimSource(Source):
         Full simulator configuration (``seed`` is applied on top).
     concentration : float, optional
         Objects per field of view (sample dilution), applied on top of ``config``; the
-        default keeps coincidences rare (see :class:`acquisition.sim.SimConfig`).
+        default keeps coincidences rare (see :class:`leukoflow.acquisition.sim.SimConfig`).
     """
 
     has_truth = True
 
     def __init__(self, seed: int = 0, n_frames: int | None = None, rate_hz: float = 0.0,
                  config: Any = None, concentration: float | None = None) -> None:
-        from acquisition.sim import FlowSimulator, SimConfig
 
         cfg = config if config is not None else SimConfig(seed=seed)
         if config is not None and getattr(cfg, "seed", seed) != seed:

@@ -15,7 +15,7 @@ Conventions (checked by tests/test_deploy_grafana.py):
 * variables ``instance`` and ``run_id`` come from ``leukoflow_service_info``; raw-metric
   panels filter by both (the run id is joined on ``instance`` from ``leukoflow_service_info``);
   panels on recording rules show the whole system;
-* every metric name is a family of ``leukoflow.metrics.METRIC_NAMES``, a recording rule of
+* every metric name is a family of ``leukoflow.core.metrics.METRIC_NAMES``, a recording rule of
   ``deploy/prometheus/rules/recording.yml`` or a series Prometheus makes itself (``up``,
   ``scrape_duration_seconds``).
 """

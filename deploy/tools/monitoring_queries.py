@@ -138,14 +138,14 @@ def metric_names(expr: str) -> set[str]:
 def exposed_names(families: Mapping[str, Any] | None = None) -> set[str]:
     """Series names the services really expose for ``families`` (default ``METRIC_NAMES``).
 
-    Each family is created with :func:`leukoflow.metrics.make_metric` in a scratch registry
+    Each family is created with :func:`leukoflow.core.metrics.make_metric` in a scratch registry
     and rendered, so that client-library details are honoured exactly: counters end in
     ``_total``; histograms give ``_bucket``/``_count`` and ``_sum`` only when no bucket is
     negative. ``*_created`` series are left out (dashboards must not depend on them).
     """
     import prometheus_client as pc
 
-    from leukoflow.metrics import METRIC_NAMES, make_metric
+    from leukoflow.core.metrics import METRIC_NAMES, make_metric
 
     families = METRIC_NAMES if families is None else families
     names: set[str] = set()

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from explain.lime_batched import Target
-from explain.model import ModelBundle
+from leukoflow.explain.lime_batched import Target
+from leukoflow.explain.model import ModelBundle
 
 
 @dataclass

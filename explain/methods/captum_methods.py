@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from explain.lime_batched import Target
-from explain.methods import EXPLAINERS
-from explain.methods.base import Explainer, Explanation
-from explain.model import ModelBundle
+from leukoflow.explain.lime_batched import Target
+from leukoflow.explain.methods import EXPLAINERS
+from leukoflow.explain.methods.base import Explainer, Explanation
+from leukoflow.explain.model import ModelBundle
 
 
 class _CaptumExplainer(Explainer):

@@ -1,4 +1,4 @@
-"""Batched LIME with fused multi-SLIC superpixels (see :mod:`explain.lime_batched`)."""
+"""Batched LIME with fused multi-SLIC superpixels (see :mod:`leukoflow.explain.lime_batched`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from explain.lime_batched import LimeParams, Target, explain_many
-from explain.methods import EXPLAINERS
-from explain.methods.base import Explainer, Explanation
-from explain.model import ModelBundle
-from explain.segmentation import SlicParams
+from leukoflow.explain.lime_batched import LimeParams, Target, explain_many
+from leukoflow.explain.methods import EXPLAINERS
+from leukoflow.explain.methods.base import Explainer, Explanation
+from leukoflow.explain.model import ModelBundle
+from leukoflow.explain.segmentation import SlicParams
 
 
 @EXPLAINERS.register("lime")

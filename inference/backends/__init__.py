@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from leukoflow.registry import Registry
-
-BACKENDS: Registry = Registry("inference backend")
-"""Name -> :class:`~inference.backends.base.Backend` subclass."""
+from leukoflow.inference.backends import onnx_cpu, tensorrt, torch_cpu, torch_cuda  # noqa: F401
+from leukoflow.inference.backends.base import BACKENDS, BackendUnavailable
 
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
 """Preference of ``--backend auto``, fastest first."""
@@ -22,13 +20,8 @@ AUTO_ORDER: tuple[str, ...] = ("tensorrt", "torch-cuda", "onnxruntime", "torch-c
 log = logging.getLogger(__name__)
 
 
-def _register_all() -> None:
-    from inference.backends import onnx_cpu, tensorrt, torch_cpu, torch_cuda  # noqa: F401
-
-
 def available_backends() -> dict[str, str]:
     """Name -> ``""`` if usable here, else the reason it is not."""
-    _register_all()
     out = {}
     for name in BACKENDS:
         ok, why = BACKENDS.get(name).available()
@@ -48,9 +41,7 @@ def create_backend(name: str, artifact: Any, **options: Any) -> Any:
     **options
         Backend keyword arguments (``max_batch``, ``threads``, ``precision`` ...).
     """
-    from inference.backends.base import BackendUnavailable
 
-    _register_all()
     if name != "auto":
         return BACKENDS.create(name, artifact=artifact, **options)
     errors = []

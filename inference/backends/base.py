@@ -21,6 +21,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from leukoflow.core.registry import Registry
+
+BACKENDS: Registry = Registry("inference backend")
+"""Name -> :class:`Backend` subclass (each backend module registers itself)."""
+
 
 class BackendUnavailable(RuntimeError):
     """The backend cannot run here (missing package, no GPU, no engine)."""

@@ -2,7 +2,7 @@
 
 At hundreds of thousands of cells per second, scoring on the host becomes the bottleneck of
 a GPU worker (e.g. the KNN detector's ``np.partition`` over a 2,000-feature bank is single
-threaded). These modules reproduce the ``models.ood`` detectors' formulas in float32 torch
+threaded). These modules reproduce the ``leukoflow.models.ood`` detectors' formulas in float32 torch
 so the score can run inside the CUDA graph; the numpy detectors stay the reference
 (``tests/test_infer_backends.py`` compares both).
 """
@@ -112,8 +112,8 @@ class Columns(_Scorer):
 
 
 def _surprise(s: torch.Tensor, q: torch.Tensor, n_ref: int, slope: float) -> torch.Tensor:
-    """torch twin of ``models.ood.descriptor_based.surprise`` (float32; no host sync, so it
-    runs inside a captured CUDA graph). ``slope`` = 1 / (q_max - q_0.9), precomputed."""
+    """torch twin of ``leukoflow.models.ood.descriptor_based.surprise`` (float32; no host sync, so
+    it runs inside a captured CUDA graph). ``slope`` = 1 / (q_max - q_0.9), precomputed."""
     j = q.numel()
     hi = torch.searchsorted(q, s.contiguous(), right=True).clamp(1, j - 1)
     q0, q1 = q[hi - 1], q[hi]

@@ -19,8 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from inference.backends import BACKENDS
-from inference.backends.base import Backend, BackendOutput, BackendUnavailable, finite_rows
+from leukoflow.inference.backends.base import (
+    BACKENDS,
+    Backend,
+    BackendOutput,
+    BackendUnavailable,
+    finite_rows,
+)
 
 OPSET = 17
 
@@ -51,7 +56,7 @@ def export_onnx(artifact: Any, cache_dir: Path | str | None = None) -> Path:
         return path
     import torch
 
-    from inference.backends.torch_module import build_inference_module
+    from leukoflow.inference.backends.torch_module import build_inference_module
 
     path.parent.mkdir(parents=True, exist_ok=True)
     module = build_inference_module(artifact)
@@ -81,9 +86,9 @@ class OnnxRuntimeBackend(Backend):
     Parameters
     ----------
     artifact, max_batch
-        See :class:`~inference.backends.base.Backend`.
+        See :class:`~leukoflow.inference.backends.base.Backend`.
     pipeline : bool
-        Compute in a background thread (see :class:`~inference.backends.base.Backend`).
+        Compute in a background thread (see :class:`~leukoflow.inference.backends.base.Backend`).
     threads : int or None
         Intra-op threads (default 1; inter-op is always 1, sequential execution).
     cache_dir : path, optional

@@ -1,7 +1,8 @@
 """TensorRT (10/11) engine execution, kept thin.
 
-The ONNX graph comes from ``models.export.export_onnx`` (normalised ``crops (N, 1, S, S) ->
-logits, features``) and the serialized engine from ``models.tensorrt_build.build_engine``
+The ONNX graph comes from ``leukoflow.models.export.export_onnx`` (normalised
+``crops (N, 1, S, S) -> logits, features``) and the serialized engine from
+``leukoflow.models.tensorrt_build.build_engine``
 (cached by model sha256, GPU, TensorRT version, precision and profile). The raw phase crops
 are normalised on the device in torch, on the same dedicated stream that runs the engine.
 Device buffers are torch CUDA tensors; each batch runs ``set_input_shape`` +
@@ -18,8 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from inference.backends import BACKENDS
-from inference.backends.base import Backend, BackendOutput, BackendUnavailable, pow2_buckets
+from leukoflow.inference.backends.base import (
+    BACKENDS,
+    Backend,
+    BackendOutput,
+    BackendUnavailable,
+    pow2_buckets,
+)
+from leukoflow.inference.backends.onnx_cpu import default_cache_dir
+from leukoflow.models.export import export_onnx
+from leukoflow.models.tensorrt_build import Profile, build_engine
 
 
 @dataclass
@@ -29,10 +38,7 @@ class _Handle:
 
 
 def _engine_file(artifact: Any, max_batch: int, precision: str, cache_dir: Any) -> Path:
-    """Export the ONNX graph (cached) and get the engine from ``models.tensorrt_build``."""
-    from inference.backends.onnx_cpu import default_cache_dir
-    from models.export import export_onnx
-    from models.tensorrt_build import Profile, build_engine
+    """Export the ONNX graph (cached); build the engine (:mod:`leukoflow.models.tensorrt_build`)."""
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     onnx = root / "onnx" / f"{artifact.architecture}-{artifact.sha256[:16]}-trt-input.onnx"
@@ -51,7 +57,7 @@ class TensorRTBackend(Backend):
     Parameters
     ----------
     artifact, max_batch
-        See :class:`~inference.backends.base.Backend`.
+        See :class:`~leukoflow.inference.backends.base.Backend`.
     precision : {"fp16", "fp32"}
         Engine precision (the I/O stays float32).
     cache_dir : path, optional
@@ -126,10 +132,6 @@ class TensorRTBackend(Backend):
             return False, "torch is not installed"
         if not torch.cuda.is_available():
             return False, "no CUDA device visible to torch"
-        try:
-            import models.tensorrt_build  # noqa: F401
-        except ImportError:
-            return False, "models.tensorrt_build is not available"
         return True, ""
 
     def host_buffer(self, rows: int) -> np.ndarray:

@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.backends import BACKENDS
-from inference.backends.base import Backend, BackendOutput, finite_rows
+from leukoflow.inference.backends.base import BACKENDS, Backend, BackendOutput, finite_rows
 
 
 @BACKENDS.register("torch-cpu")
@@ -22,9 +21,9 @@ class TorchCpuBackend(Backend):
     Parameters
     ----------
     artifact, max_batch
-        See :class:`~inference.backends.base.Backend`.
+        See :class:`~leukoflow.inference.backends.base.Backend`.
     pipeline : bool
-        Compute in a background thread (see :class:`~inference.backends.base.Backend`).
+        Compute in a background thread (see :class:`~leukoflow.inference.backends.base.Backend`).
     threads : int or None
         ``torch.set_num_threads`` (process-wide); None leaves it at 1.
     """
@@ -37,7 +36,7 @@ class TorchCpuBackend(Backend):
         super().__init__(artifact, max_batch, pipeline=pipeline)
         import torch
 
-        from inference.backends.torch_module import build_inference_module
+        from leukoflow.inference.backends.torch_module import build_inference_module
 
         self.threads = int(threads or 1)
         torch.set_num_threads(self.threads)

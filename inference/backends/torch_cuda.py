@@ -15,8 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from inference.backends import BACKENDS
-from inference.backends.base import Backend, BackendOutput, BackendUnavailable, pow2_buckets
+from leukoflow.inference.backends.base import (
+    BACKENDS,
+    Backend,
+    BackendOutput,
+    BackendUnavailable,
+    pow2_buckets,
+)
 
 
 @dataclass
@@ -33,7 +38,7 @@ class TorchCudaBackend(Backend):
     Parameters
     ----------
     artifact, max_batch
-        See :class:`~inference.backends.base.Backend`.
+        See :class:`~leukoflow.inference.backends.base.Backend`.
     precision : {"fp16", "fp32"}
         Compute precision (outputs are float32).
     cuda_graphs : bool
@@ -44,7 +49,7 @@ class TorchCudaBackend(Backend):
         Smallest bucket; buckets are powers of two up to ``max_batch``.
     device_ood : bool
         Compute the artifact's OOD score on the GPU inside the graph
-        (:mod:`inference.backends.device_ood`, float32) instead of on the host.
+        (:mod:`leukoflow.inference.backends.device_ood`, float32) instead of on the host.
     """
 
     name = "torch-cuda"
@@ -60,7 +65,7 @@ class TorchCudaBackend(Backend):
             raise BackendUnavailable(why)
         import torch
 
-        from inference.backends.torch_module import build_inference_module
+        from leukoflow.inference.backends.torch_module import build_inference_module
 
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
@@ -74,7 +79,7 @@ class TorchCudaBackend(Backend):
         module = build_inference_module(artifact, with_finite=True)
         self.scorer = None
         if device_ood and getattr(artifact, "ood", None):
-            from inference.backends.device_ood import ScoredModule, torch_scorer
+            from leukoflow.inference.backends.device_ood import ScoredModule, torch_scorer
 
             self.scorer = torch_scorer(artifact.ood_detector())
             if self.scorer is not None:  # float32 scoring on the device, in the graph

@@ -43,10 +43,10 @@ def register(app: typer.Typer) -> None:
         """
         import json
 
-        from acquisition.pipeline import PipelineConfig
-        from acquisition.service import AcquireConfig, AcquireService
-        from acquisition.sources import SourceError
-        from leukoflow.config import ConfigError, resolve
+        from leukoflow.acquisition.pipeline import PipelineConfig
+        from leukoflow.acquisition.service import AcquireConfig, AcquireService
+        from leukoflow.acquisition.sources import SourceError
+        from leukoflow.core.config import ConfigError, resolve
 
         cli = {"source": source, "frames": frames, "duration_s": duration, "rate_hz": rate,
                "crops_endpoint": crops_endpoint, "collector_endpoint": collector_endpoint,

@@ -8,10 +8,8 @@ this command prints as one table (or as JSON).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,21 +17,11 @@ import typer
 BENCHMARKS = ("sim", "reconstruct", "acquire", "transport", "infer", "models", "explain", "e2e")
 
 
-def _bench_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / "benchmarks"
-
-
 def load_benchmark(name: str):
-    """Import ``benchmarks/bench_<name>.py`` by path (the folder is not a package)."""
-    path = _bench_dir() / f"bench_{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark {name!r} not found at {path}")
-    spec = importlib.util.spec_from_file_location(f"leukoflow_bench_{name}", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """Import :mod:`leukoflow.benchmarks.bench_<name>` (installed with the package)."""
+    if name not in BENCHMARKS:
+        raise FileNotFoundError(f"benchmark {name!r} not found; choose from {BENCHMARKS}")
+    return importlib.import_module(f"leukoflow.benchmarks.bench_{name}")
 
 
 def print_rows(name: str, result: dict) -> None:

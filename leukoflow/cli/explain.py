@@ -17,14 +17,14 @@ def _load_dataset(spec: str, split: str | None, seed: int):
 
     if spec.startswith("sim"):
         n = int(spec.split(":", 1)[1]) if ":" in spec else 100
-        from acquisition.sim import make_crop_dataset
+        from leukoflow.acquisition.sim import make_crop_dataset
 
         d = make_crop_dataset(n, 0, seed)
         keep = np.asarray(d["y"]) >= 0
         feats = {k: np.asarray(v)[keep] for k, v in d["features"].items()}
         return d["x"][keep], d["y"][keep], feats, {"source": f"simulated n_per_class={n} "
                                                              f"seed={seed}"}
-    from leukoflow.rtdc import read_crop_dataset
+    from leukoflow.core.rtdc import read_crop_dataset
 
     d = read_crop_dataset(spec, split=split)
     keep = np.asarray(d["y"]) >= 0
@@ -77,8 +77,8 @@ def register(app: typer.Typer) -> None:
             return
         import json
 
-        from explain.service import ExplainConfig, ExplainService
-        from leukoflow.config import ConfigError, as_dict, resolve
+        from leukoflow.core.config import ConfigError, as_dict, resolve
+        from leukoflow.explain.service import ExplainConfig, ExplainService
 
         try:
             cfg = resolve("explain", ExplainConfig, {
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(json.dumps(as_dict(cfg), indent=2))
             return
-        from explain.methods import EXPLAINERS
+        from leukoflow.explain.methods import EXPLAINERS
 
         for m in cfg.methods:
             if m not in EXPLAINERS:
@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
         """Meta-explanations: per class/confidence maps, SpRAy clusters, TCAV, location."""
         import json
 
-        from explain.meta import MetaConfig, compute_maps, load_run, run_meta
+        from leukoflow.research.meta import MetaConfig, compute_maps, load_run, run_meta
 
         cfg = MetaConfig(method=method, max_cells=max_cells, lime_samples=lime_samples,
                          location_cells=location_cells, tcav=tcav, seed=seed)
@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
                 ms = load_run(p, method)
                 summary = run_meta(ms, out or p / "meta", cfg, source=source)
             else:
-                from explain.model import ModelBundle
+                from leukoflow.explain.model import ModelBundle
 
                 x, y, _feats, info = _load_dataset(source, split, seed)
                 bundle = ModelBundle.from_artifact(model)
@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{k}: interior enrichment {v['interior_enrichment_mean']:.2f} "
                            f"± {v['interior_enrichment_std']:.2f} (n={v['n_cells']})")
             if "tcav" in summary and "results" in summary["tcav"]:
-                from explain.tcav import tcav_report_lines
+                from leukoflow.research.tcav import tcav_report_lines
 
                 for line in tcav_report_lines(summary["tcav"]):
                     typer.echo(line)
@@ -205,10 +205,10 @@ def register(app: typer.Typer) -> None:
 
         import numpy as np
 
-        from acquisition.sim import make_crop_dataset
-        from explain.finding import FindingConfig, finding_markdown, run_finding
-        from explain.model import ModelBundle
-        from models.artifact import ArtifactError
+        from leukoflow.acquisition.sim import make_crop_dataset
+        from leukoflow.explain.model import ModelBundle
+        from leukoflow.models.artifact import ArtifactError
+        from leukoflow.research.finding import FindingConfig, finding_markdown, run_finding
 
         try:
             bundle = ModelBundle.from_artifact(model)
@@ -223,7 +223,7 @@ def register(app: typer.Typer) -> None:
                               progress=lambda s: typer.echo(f"[finding] {s}", err=True))
             md = finding_markdown(res)
             if tcav:
-                from explain.tcav import tcav_markdown, tcav_sim
+                from leukoflow.research.tcav import tcav_markdown, tcav_sim
 
                 typer.echo("[finding] tcav", err=True)
                 layers = [ly for ly in tcav_layers.split(",") if ly]
@@ -234,7 +234,7 @@ def register(app: typer.Typer) -> None:
                 md += "\n\n" + "\n\n".join(tcav_markdown(runs[0], ly)
                                              for ly in runs[0]["layers"])
                 if len(runs) > 1:
-                    from explain.tcav import tcav_stability_markdown
+                    from leukoflow.research.tcav import tcav_stability_markdown
 
                     res["tcav_runs"] = runs[1:]
                     md += "\n\n" + "\n\n".join(tcav_stability_markdown(runs, ly)
@@ -274,8 +274,8 @@ def register(app: typer.Typer) -> None:
 
         import numpy as np
 
-        from explain.audit import AuditConfig, flip_labels, run_audit
-        from leukoflow import CLASS_NAMES
+        from leukoflow.core.vocabulary import CLASS_NAMES
+        from leukoflow.research.audit import AuditConfig, flip_labels, run_audit
 
         try:
             x, y, _f, info = _load_dataset(dataset, split, seed)

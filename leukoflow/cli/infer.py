@@ -58,8 +58,8 @@ def register(app: typer.Typer) -> None:
         import json
         import signal
 
-        from inference.worker import SECTION, InferConfig, InferWorker
-        from leukoflow.config import ConfigError, as_dict, resolve
+        from leukoflow.core.config import ConfigError, as_dict, resolve
+        from leukoflow.inference.worker import SECTION, InferConfig, InferWorker
 
         try:
             cfg = resolve(SECTION, InferConfig, {

@@ -91,10 +91,10 @@ def register(app: typer.Typer) -> None:
         """Train a model, calibrate it, fit OOD detectors and write an artifact folder."""
         import sys
 
-        from models.data import Augment
-        from models.ood import DETECTORS
-        from models.pipeline import build_artifact
-        from models.train import TrainConfig
+        from leukoflow.models.data import Augment
+        from leukoflow.models.ood import DETECTORS
+        from leukoflow.models.pipeline import build_artifact
+        from leukoflow.models.train import TrainConfig
 
         if balance not in ("weights", "sampler", "none"):
             raise typer.BadParameter("balance must be weights, sampler or none")
@@ -142,8 +142,8 @@ def register(app: typer.Typer) -> None:
                            ] = False,
     ) -> None:
         """Refit the temperature (validation NLL) and the OOD threshold; report before/after."""
-        from models.artifact import ArtifactError, load_artifact
-        from models.calibrate import recalibrate
+        from leukoflow.models.artifact import ArtifactError, load_artifact
+        from leukoflow.models.recalibrate import recalibrate
 
         try:
             art = load_artifact(model)
@@ -175,8 +175,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Accuracy, per-class recall, confusion matrix, calibration and OOD AUROC."""
-        from models.artifact import ArtifactError, load_artifact
-        from models.evaluate import evaluate_artifact
+        from leukoflow.models.artifact import ArtifactError, load_artifact
+        from leukoflow.models.evaluate import evaluate_artifact
 
         try:
             rep = evaluate_artifact(load_artifact(model), dataset, n_boot=n_boot)
@@ -209,8 +209,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Export to ONNX (dynamic batch), verify with ONNX Runtime, optionally TensorRT."""
-        from models.artifact import ArtifactError, load_artifact
-        from models.export import ExportError, export_artifact
+        from leukoflow.models.artifact import ArtifactError, load_artifact
+        from leukoflow.models.export import ExportError, export_artifact
 
         try:
             art = load_artifact(model)
@@ -219,7 +219,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"export: {exc}", err=True)
             raise typer.Exit(2) from exc
         if tensorrt:
-            from models.tensorrt_build import TensorRTError, build_engine
+            from leukoflow.models.tensorrt_build import TensorRTError, build_engine
 
             try:
                 b = build_engine(out, art.sha256, art.input_size, precision=precision,

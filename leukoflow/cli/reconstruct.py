@@ -74,10 +74,10 @@ def register(app: typer.Typer) -> None:
 
         import numpy as np
 
-        from acquisition.reconstruct import HologramIOError, Reconstructor, load_hologram
-        from acquisition.reconstruct.config import OffAxisConfig
-        from leukoflow.config import ConfigError, resolve
-        from leukoflow.registry import RegistryError
+        from leukoflow.acquisition.reconstruct import HologramIOError, Reconstructor, load_hologram
+        from leukoflow.acquisition.reconstruct.config import OffAxisConfig
+        from leukoflow.core.config import ConfigError, resolve
+        from leukoflow.core.registry import RegistryError
 
         if out.suffix.lower() != ".npy":
             _fail(f"--out must name a .npy file, got {out}")

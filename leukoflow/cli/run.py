@@ -93,8 +93,8 @@ def register(app: typer.Typer) -> None:
         """
         import logging
 
-        from leukoflow.liveview import LiveView, want_live_view
-        from leukoflow.orchestrate import RunOptions, compact_summary, run_pipeline
+        from leukoflow.run.liveview import LiveView, want_live_view
+        from leukoflow.run.orchestrate import RunOptions, compact_summary, run_pipeline
 
         opts = RunOptions(
             source=source, duration_s=duration, cells=cells, workers=workers,
@@ -159,8 +159,8 @@ def register(app: typer.Typer) -> None:
         With --out and --tap-in/--tap-out it sits between acquisition and the workers and
         writes every cell's crop, features and predictions to .rtdc (crash-safe).
         """
-        from leukoflow.collector import Collector, CollectorConfig
-        from leukoflow.config import ConfigError, resolve
+        from leukoflow.core.config import ConfigError, resolve
+        from leukoflow.run.collector import Collector, CollectorConfig
 
         if out is not None and not (tap_in or tap_out):
             typer.echo("leukoflow record: --out needs --tap-in and --tap-out (the crops come "
@@ -212,9 +212,9 @@ def register(app: typer.Typer) -> None:
         Crop recordings go straight into inference; raw-hologram recordings (qpi_oah)
         through acquisition. Default pace: as fast as possible.
         """
-        from leukoflow.liveview import LiveView, want_live_view
-        from leukoflow.orchestrate import RunOptions, compact_summary, run_pipeline
-        from leukoflow.replay import compare_decisions, recording_kind
+        from leukoflow.run.liveview import LiveView, want_live_view
+        from leukoflow.run.orchestrate import RunOptions, compact_summary, run_pipeline
+        from leukoflow.run.replay import compare_decisions, recording_kind
 
         if realtime and rate:
             typer.echo("leukoflow replay: use --realtime or --rate, not both", err=True)
@@ -266,7 +266,7 @@ def register(app: typer.Typer) -> None:
         """Publish a crop recording into inference (the replay source of ``run``)."""
         import signal
 
-        from leukoflow.replay import ReplayPublisher
+        from leukoflow.run.replay import ReplayPublisher
 
         pub = ReplayPublisher(file, crops, collector, run_id, rate=rate, realtime=realtime)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -287,7 +287,8 @@ def register(app: typer.Typer) -> None:
         Confusion matrix, per-class precision/recall/F1, differential error per class [pp],
         calibration (ECE, 15 bins; reliability diagram), OOD rejection rates.
         """
-        from leukoflow.validate import validate_recording, write_html
+        from leukoflow.reports.report import write_validation_report as write_html
+        from leukoflow.reports.validate import validate_recording
 
         try:
             res = validate_recording(file)

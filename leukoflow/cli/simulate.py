@@ -40,7 +40,7 @@ class SimulateSettings:
 
 
 def _settings(**flags: object) -> SimulateSettings:
-    from leukoflow.config import ConfigError, resolve
+    from leukoflow.core.config import ConfigError, resolve
 
     try:
         return resolve("simulate", SimulateSettings, flags)
@@ -51,15 +51,15 @@ def _settings(**flags: object) -> SimulateSettings:
 def _sim_config(s: SimulateSettings, ood: dict[str, float] | None = None):
     from dataclasses import replace
 
-    from acquisition.sim import SimConfig
-    from leukoflow.physics import DEFAULT_OPTICS
+    from leukoflow.acquisition.sim import SimConfig
+    from leukoflow.core.physics import DEFAULT_OPTICS
 
     optics = replace(DEFAULT_OPTICS, frame_rate_hz=s.frame_rate_hz,
                      flow_speed_um_s=s.flow_speed_um_s, roi_shape=(s.roi_rows, s.roi_cols))
     kw = {"seed": s.seed, "optics": optics, "concentration": s.concentration,
           "speed_spread": s.speed_spread, "lateral_sd_um": s.lateral_sd_um}
     if ood is not None:
-        from acquisition.sim.params import DEFAULT_OOD_FRACTIONS
+        from leukoflow.acquisition.sim.params import DEFAULT_OOD_FRACTIONS
 
         kw["ood_fractions"] = {**DEFAULT_OOD_FRACTIONS, **ood}
     try:
@@ -115,7 +115,7 @@ def run_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write a raw simulated run: holograms, background hologram and ground truth."""
-    from acquisition.sim.writers import write_run
+    from leukoflow.acquisition.sim.writers import write_run
 
     s = _settings(seed=seed, concentration=concentration, speed_spread=speed_spread,
                   frame_rate_hz=frame_rate, flow_speed_um_s=flow_speed, roi_rows=roi_rows,
@@ -140,8 +140,8 @@ def crops_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write a labeled crop dataset (qpi_pha + userdef0 labels + features)."""
-    from acquisition.sim import make_crop_dataset
-    from acquisition.sim.writers import write_crops
+    from leukoflow.acquisition.sim import make_crop_dataset
+    from leukoflow.acquisition.sim.writers import write_crops
 
     s = _settings(seed=seed)
     cfg = _sim_config(s)

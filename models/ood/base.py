@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from leukoflow.registry import Registry
+from leukoflow.core.registry import Registry
 
 DETECTORS: Registry = Registry("OOD detector")
 """Name -> :class:`OODDetector` subclass."""
@@ -90,7 +90,7 @@ class OODDetector:
             ``temperature`` (float) for logit detectors; ``model`` for detectors that read
             network weights; ``n_descriptors`` (int, default ``model.n_descriptors`` or 0):
             how many trailing feature columns are physical phase descriptors
-            (``models.descriptors``) rather than learned features.
+            (``leukoflow.models.descriptors``) rather than learned features.
         """
         if self.uses_features:
             model = context.get("model")

@@ -2,7 +2,7 @@
 
 ``descriptors``
     Class-conditional Mahalanobis distance with one Ledoit-Wolf covariance *per class*
-    on the phase descriptors (``models.descriptors``: area, phase volume, peak phase, dry
+    on the phase descriptors (``leukoflow.models.descriptors``: area, phase volume, peak phase, dry
     mass density, centre and rim profile), which the network appends to its features. The
     classes differ in shape and spread of these quantities (neutrophils are large and
     flat-topped, lymphocytes small and dense), so a shared covariance would be too wide for
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from models.ood.base import DETECTORS, OODDetector
-from models.ood.feature_based import _min_mahalanobis, _shrunk_precision
+from leukoflow.models.ood.base import DETECTORS, OODDetector
+from leukoflow.models.ood.feature_based import _min_mahalanobis, _shrunk_precision
 
 
 @DETECTORS.register("descriptors")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.ood.base import DETECTORS, OODDetector
+from leukoflow.models.ood.base import DETECTORS, OODDetector
 
 
 def _shrunk_precision(centered: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from models.ood.base import DETECTORS, OODDetector
+from leukoflow.models.ood.base import DETECTORS, OODDetector
 
 
 @DETECTORS.register("msp")

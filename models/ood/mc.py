@@ -1,8 +1,8 @@
 """Mutual information of the variational model's Monte-Carlo predictive (epistemic OOD).
 
 The detector stores the ``S`` evaluation-time weight samples of the Bayesian head of a
-:class:`models.architectures.LeNet5VI` (the same samples its ``eval()`` forward uses), so it
-can score from the 120-d deterministic features alone: logits_s = head_s(features), then
+:class:`leukoflow.models.architectures.LeNet5VI` (the same samples its ``eval()`` forward uses), so
+it can score from the 120-d deterministic features alone: logits_s = head_s(features), then
 MI = H[mean_s p_s] - mean_s H[p_s] (nats, larger = more OOD).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_softmax
 
-from models.ood.base import DETECTORS, OODDetector
+from leukoflow.models.ood.base import DETECTORS, OODDetector
 
 
 @DETECTORS.register("mutual_info")

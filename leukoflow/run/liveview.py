@@ -16,6 +16,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from leukoflow.core import transport, wire
+
 
 def want_live_view(json_output: bool, stream: Any = None) -> bool:
     """True when a live view should be drawn (stdout is a TTY and no ``--json``)."""
@@ -68,7 +70,6 @@ class StateFeed:
                  worker_ports: Sequence[int] = (), scrape_interval_s: float = 1.0) -> None:
         import zmq
 
-        from leukoflow import transport
 
         self._sock = transport.make_socket(zmq.Context.instance(), "SUB", live_endpoint,
                                            bind=False, hwm=10)
@@ -84,7 +85,6 @@ class StateFeed:
         """Take every pending state message; return the newest (None if none arrived)."""
         import zmq
 
-        from leukoflow import wire
 
         newest = None
         while True:

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES, wire
+from leukoflow.core import wire
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.inference.decision import rule_from_artifact, softmax_t
+from leukoflow.inference.worker import InferConfig, InferWorker
+from leukoflow.models.artifact import load_artifact, save_artifact
+from leukoflow.models.ood import DETECTORS
 
 
 def synthetic_crops(n: int, size: int = 64, seed: int = 0,
@@ -49,10 +54,7 @@ def make_test_artifact(folder: str | Path, input_size: int = 32, seed: int = 0,
     """
     import torch
 
-    from inference.decision import softmax_t
-    from models.architectures import LeNet5
-    from models.artifact import load_artifact, save_artifact
-    from models.ood import DETECTORS
+    from leukoflow.models.architectures import LeNet5
 
     torch.manual_seed(seed)
     model = LeNet5(in_size=input_size, num_classes=len(CLASS_NAMES)).eval()
@@ -83,7 +85,7 @@ def make_test_artifact(folder: str | Path, input_size: int = 32, seed: int = 0,
 
 def offline_predict(artifact: Any, crops: np.ndarray) -> dict[str, np.ndarray]:
     """Reference predictions without the service: the artifact's own preprocessing and
-    network in PyTorch (float32, CPU), then :func:`inference.decision.rule_from_artifact`.
+    network in PyTorch (float32, CPU), then :func:`leukoflow.inference.decision.rule_from_artifact`.
 
     Returns
     -------
@@ -92,7 +94,6 @@ def offline_predict(artifact: Any, crops: np.ndarray) -> dict[str, np.ndarray]:
     """
     import torch
 
-    from inference.decision import rule_from_artifact
 
     model = artifact.build_model()
     with torch.inference_mode():
@@ -302,8 +303,8 @@ class _EnergyScore:
 
 
 class SyntheticArtifact:
-    """Artifact stand-in (same attributes as ``models.artifact.Artifact``) for an untrained
-    LeNet5 built from a seed, with an energy OOD score: no files, no safetensors, so GPU
+    """Artifact stand-in (same attributes as ``leukoflow.models.artifact.Artifact``) for an
+    untrained LeNet5 built from a seed, with an energy OOD score: no files, no safetensors, so GPU
     benchmarks run where only torch and numpy are installed."""
 
     architecture = "lenet5"
@@ -323,7 +324,7 @@ class SyntheticArtifact:
     def build_model(self, device: str = "cpu") -> Any:
         import torch
 
-        from models.architectures import LeNet5
+        from leukoflow.models.architectures import LeNet5
 
         torch.manual_seed(self.seed)
         return LeNet5(in_size=self.input_size, num_classes=len(CLASS_NAMES)).to(device).eval()
@@ -334,7 +335,7 @@ class SyntheticArtifact:
 
 def worker_process(cfg: dict, ready: Any, stop: Any, out: Any = None,
                    synthetic_size: int | None = None, io_threads: int = 1) -> None:
-    """Run an :class:`~inference.worker.InferWorker` in this (child) process for benchmarks.
+    """Run an :class:`~leukoflow.inference.worker.InferWorker` in this (child) process.
 
     Sets ``ready`` once the worker is warmed up, stops when ``stop`` is set and puts the
     worker's batch/cell/compute counters on the queue ``out``.
@@ -342,7 +343,7 @@ def worker_process(cfg: dict, ready: Any, stop: Any, out: Any = None,
     Parameters
     ----------
     cfg : dict
-        :class:`~inference.worker.InferConfig` fields.
+        :class:`~leukoflow.inference.worker.InferConfig` fields.
     synthetic_size : int, optional
         Use a :class:`SyntheticArtifact` of this crop size instead of ``cfg["model"]``.
     io_threads : int
@@ -352,7 +353,6 @@ def worker_process(cfg: dict, ready: Any, stop: Any, out: Any = None,
     import zmq
 
     torch.set_num_threads(int(cfg.get("threads", 1)))
-    from inference.worker import InferConfig, InferWorker
 
     art = SyntheticArtifact(synthetic_size) if synthetic_size else None
     ctx = zmq.Context(io_threads=io_threads)

@@ -26,6 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow import __version__
+from leukoflow.core.physics import DEFAULT_OPTICS
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
+
 IMAGE_FEATURES = ("image", "image_bg", "mask", "qpi_pha", "qpi_amp", "qpi_oah", "qpi_oah_bg")
 
 
@@ -237,7 +241,6 @@ def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _software_version() -> str:
-    from leukoflow import __version__
 
     return f"leukoflow {__version__}"
 
@@ -248,10 +251,9 @@ def base_meta(optics: Any | None = None, *, sample: str = "simulated", run_index
 
     Parameters
     ----------
-    optics : leukoflow.physics.Optics, optional
+    optics : leukoflow.core.physics.Optics, optional
         Optical geometry (default: the simulated instrument's).
     """
-    from leukoflow.physics import DEFAULT_OPTICS
 
     o = optics or DEFAULT_OPTICS
     t = time.gmtime()
@@ -287,7 +289,6 @@ def write_crop_dataset(path: str | Path, x: np.ndarray, y: np.ndarray,
     features : mapping, optional
         Extra scalar features (dclab names, e.g. ``area_um``, ``qpi_dm``).
     """
-    from leukoflow import CLASS_NAMES, OOD_KINDS
 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
@@ -328,7 +329,6 @@ def read_crop_dataset(path: str | Path, split: str | None = None) -> dict[str, A
         ``x`` float32 (N, H, W), ``y`` int64 (N,), ``kind`` list[str], ``features`` dict,
         ``meta`` dict.
     """
-    from leukoflow import CLASS_NAMES
 
     p = Path(path)
     if not p.exists():

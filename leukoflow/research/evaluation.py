@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from explain.model import ModelBundle
+from leukoflow.explain.model import ModelBundle
 
 
 @torch.no_grad()

@@ -6,15 +6,19 @@
   smooth with a dark vacuole), all at 0 rad background.
 * :func:`sim_crops` - labeled crops from the simulated instrument
   (``acquisition.sim.make_crop_dataset``), in-distribution classes only.
-* :func:`train_small` - a seeded LeNet5 trained briefly with ``models.train.train_model``,
-  wrapped as a :class:`~explain.model.ModelBundle` (temperature fitted on a split).
+* :func:`train_small` - a seeded LeNet5 trained briefly with ``leukoflow.models.train.train_model``,
+  wrapped as a :class:`~leukoflow.explain.model.ModelBundle` (temperature fitted on a split).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from explain.model import ModelBundle
+from leukoflow.acquisition.sim import make_crop_dataset
+from leukoflow.explain.model import ModelBundle
+from leukoflow.explain.service import ExplainConfig, ExplainService
+from leukoflow.models.calibration import fit_temperature
+from leukoflow.models.train import TrainConfig, train_model
 
 
 def toy_crops(n_per_class: int, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +50,6 @@ def toy_crops(n_per_class: int, seed: int = 0, size: int = 64) -> tuple[np.ndarr
 
 def sim_crops(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Labeled in-distribution crops from ``acquisition.sim.make_crop_dataset`` [rad]."""
-    from acquisition.sim import make_crop_dataset
 
     d = make_crop_dataset(n_per_class, 0, seed)
     x = np.asarray(d["x"], np.float32)
@@ -60,9 +63,7 @@ def train_small(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 12,
     """Seeded LeNet5 trained on (x, y) with an 80/20 split; temperature fitted on the 20 %."""
     import torch
 
-    from models.architectures import LeNet5
-    from models.calibration import fit_temperature
-    from models.train import TrainConfig, train_model
+    from leukoflow.models.architectures import LeNet5
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
@@ -81,7 +82,8 @@ def train_small(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 12,
 
 
 def explainer_process(cfg: dict, ready: object, stop: object, out: object = None) -> None:
-    """Run an :class:`~explain.service.ExplainService` in this (child) process (benchmarks).
+    """Run an :class:`~leukoflow.explain.service.ExplainService` in this (child) process
+    (benchmarks).
 
     Sets ``ready`` once the model is loaded and warmed up, stops when ``stop`` is set and
     puts the service's final counters on the queue ``out``.
@@ -89,7 +91,7 @@ def explainer_process(cfg: dict, ready: object, stop: object, out: object = None
     Parameters
     ----------
     cfg : dict
-        :class:`~explain.service.ExplainConfig` fields (tuples may arrive as lists).
+        :class:`~leukoflow.explain.service.ExplainConfig` fields (tuples may arrive as lists).
     ready, stop : multiprocessing.Event
     out : multiprocessing.Queue, optional
     """
@@ -97,7 +99,6 @@ def explainer_process(cfg: dict, ready: object, stop: object, out: object = None
 
     import torch
 
-    from explain.service import ExplainConfig, ExplainService
 
     torch.set_num_threads(int(cfg.get("threads", 1)))
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

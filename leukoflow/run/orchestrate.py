@@ -16,7 +16,7 @@ Ports (all configurable): ZeroMQ ``zmq_base_port`` + 0 crops, +1 collector, +2 e
 +3 live state, +4 crop tap (recording); metrics ``metrics_base_port`` + 0 acquisition,
 +1 first worker (+10+i for worker i >= 1), +2 explainer, +3 collector.
 Children get their endpoints as command-line flags where the command has them and as
-``LEUKOFLOW_<SECTION>_<KEY>`` environment variables (see :mod:`leukoflow.config`).
+``LEUKOFLOW_<SECTION>_<KEY>`` environment variables (see :mod:`leukoflow.core.config`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ from dataclasses import asdict, dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
+
+from leukoflow.core import transport, wire
+from leukoflow.reports.report import write_run_report
+from leukoflow.run.liveview import StateFeed
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +431,6 @@ class _Notifier:
     def __init__(self, endpoint: str, run_id: str) -> None:
         import zmq
 
-        from leukoflow import transport, wire
 
         self._ctx = zmq.Context.instance()
         self._sock = transport.make_socket(self._ctx, "PUSH", endpoint, bind=False,
@@ -435,7 +438,6 @@ class _Notifier:
         self._sender = wire.Sender(run_id, "supervisor")
 
     def send(self, cmd: str, stats: dict[str, Any]) -> None:
-        from leukoflow import transport
 
         transport.send(self._sock, self._sender.message("control", cmd=cmd, stats=stats))
 
@@ -457,10 +459,9 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         Run parameters.
     on_state : callable, optional
         Called with each live state received from the collector.
-    view : leukoflow.liveview.LiveView, optional
+    view : leukoflow.run.liveview.LiveView, optional
         Live view to update (started and stopped here).
     """
-    from leukoflow.liveview import StateFeed
 
     opts.run_id = opts.run_id or _new_run_id()
     run_dir = Path(opts.out or Path("runs") / opts.run_id).resolve()
@@ -558,7 +559,6 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         sup_rep["interrupted"] = interrupted["n"] > 0
         sup_rep["params"] = params
         (run_dir / "supervisor.json").write_text(json.dumps(sup_rep, indent=1))
-    from leukoflow.report import write_run_report
 
     try:
         report = write_run_report(run_dir)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from leukoflow import __version__
+
 #: Latency buckets [s]: sub-millisecond resolution up to 5 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -115,7 +117,6 @@ class ServiceMetrics:
     def __init__(self, service: str, run_id: str = "", version: str | None = None) -> None:
         import prometheus_client as pc
 
-        from leukoflow import __version__
 
         self.service = service
         self.registry = pc.CollectorRegistry()

@@ -12,7 +12,7 @@ import ipaddress
 from typing import Any
 from urllib.parse import urlparse
 
-from leukoflow import wire
+from leukoflow.core import wire
 
 DEFAULT_ENDPOINTS = {
     "crops": "tcp://127.0.0.1:5555",

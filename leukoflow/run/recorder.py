@@ -2,7 +2,7 @@
 
 The recorder joins the crops a run produced (seen by the collector's crop tap before the
 inference workers) with their results (calibrated probabilities, decision, OOD score) by cell
-id and appends one event per cell through :class:`leukoflow.rtdc.RtdcWriter`:
+id and appends one event per cell through :class:`leukoflow.core.rtdc.RtdcWriter`:
 
 =================  ==========================================================================
 feature            content
@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES, OOD_KINDS, SCORE_FEATURES
+from leukoflow.core.rtdc import RtdcWriter, base_meta, open_rtdc
+from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS, SCORE_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ def lookup3(data: bytes, initval: int = 0) -> int:
         Initial value (HDF5 uses 0).
 
     Returns
-    -------
-    int
-        32-bit checksum.
+    ------- int 32-bit checksum.
     """
     n = len(data)
     a = b = c = (0xDEADBEEF + n + initval) & _M32
@@ -240,7 +239,7 @@ class Recorder:
     path : path-like
         Output ``.rtdc`` file (overwritten).
     meta : mapping, optional
-        dclab metadata ``{section: {key: value}}`` (default :func:`leukoflow.rtdc.base_meta`).
+        dclab metadata ``{section: {key: value}}`` (default :func:`leukoflow.core.rtdc.base_meta`).
     params : mapping, optional
         Every run and pipeline parameter (stored in the file).
     classes : sequence of str
@@ -256,7 +255,6 @@ class Recorder:
                  params: Mapping[str, Any] | None = None,
                  classes: Sequence[str] = CLASS_NAMES, flush_interval_s: float = 1.0,
                  max_pending: int = 20_000) -> None:
-        from leukoflow.rtdc import RtdcWriter, base_meta
 
         self.path = Path(path)
         self.classes = tuple(classes)
@@ -458,7 +456,6 @@ def read_recording(path: str | Path) -> dict[str, Any]:
         [s], ``latency_s``, ``features`` (other scalars), ``meta`` (root attributes),
         ``classes``.
     """
-    from leukoflow.rtdc import open_rtdc
 
     p = Path(path)
     if not p.exists():

@@ -5,7 +5,8 @@ messages and every service's ``control`` messages (acquisition accounting and en
 worker accounting, supervisor restarts), and
 
 * counts every cell exactly once (a cell id seen twice is a *duplicate*: reported, never
-  counted again), into the official differential (:class:`inference.differential.Differential`);
+  counted again), into the official differential
+  (:class:`leukoflow.inference.differential.Differential`);
 * keeps the run's accounting, which balances exactly at the end of a run::
 
       emitted = counted + uncertain + ood + rejected + dropped
@@ -17,7 +18,7 @@ worker accounting, supervisor restarts), and
 * appends every cell to a crash-safe, append-only cell log (``cells.bin``) from which a
   restarted collector rebuilds its state and the run report draws its time series;
 * optionally taps the crop stream (PULL from acquisition, PUSH on to the workers) so the
-  :class:`leukoflow.recorder.Recorder` can write crops with their predictions to ``.rtdc``;
+  :class:`leukoflow.run.recorder.Recorder` can write crops with their predictions to ``.rtdc``;
 * PUBlishes the live state (a wire ``heartbeat`` whose ``stats`` is :meth:`RunState.snapshot`)
   on ``tcp://127.0.0.1:5558`` for the live view, and serves Prometheus metrics (9104).
 
@@ -35,7 +36,7 @@ Accounting reports (``control`` with ``cmd`` ``accounting`` or ``eos``) carry cu
 ``restarts`` ({child: int})
     supervisor restarts per child.
 
-Roles are read from the sender id (``role-pid-nonce``, :func:`leukoflow.wire.new_sender_id`):
+Roles are read from the sender id (``role-pid-nonce``, :func:`leukoflow.core.wire.new_sender_id`):
 ``acquire`` and ``replay`` emit cells; any other role reports downstream losses.
 """
 
@@ -55,7 +56,11 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES
+from leukoflow.core import transport, wire
+from leukoflow.core.metrics import HealthServer, ServiceMetrics
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.inference.differential import Differential
+from leukoflow.run.recorder import Recorder, repair_rtdc
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +233,6 @@ class RunState:
 
     def __init__(self, classes: Sequence[str] = CLASS_NAMES, run_id: str = "",
                  latency_window: int = 5000) -> None:
-        from inference.differential import Differential
 
         self.classes = tuple(classes)
         self.run_id = run_id
@@ -610,7 +614,6 @@ class Collector:
             self.state.duplicates = max(self.state.duplicates, self._prev.get("duplicates", 0))
             for seg in self._prev.get("segments", []):
                 if Path(seg).exists():
-                    from leukoflow.recorder import repair_rtdc
 
                     try:
                         repair_rtdc(seg)
@@ -626,7 +629,6 @@ class Collector:
     def _open_recorder(self) -> None:
         if not self.cfg.record:
             return
-        from leukoflow.recorder import Recorder
 
         path = self._segment_path()
         self.recorder = Recorder(path, params=self.params,
@@ -650,7 +652,6 @@ class Collector:
 
     # -- metrics -------------------------------------------------------------------------
     def _setup_metrics(self) -> None:
-        from leukoflow.metrics import HealthServer, ServiceMetrics
 
         self._m = ServiceMetrics("collector", self.cfg.run_id)
         for fam in ("leukoflow_run_cells_total", "leukoflow_differential_cells",
@@ -727,7 +728,6 @@ class Collector:
         """Serve until end of stream (or stop) is drained; return the final summary."""
         import zmq
 
-        from leukoflow import transport, wire
 
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -791,7 +791,6 @@ class Collector:
         return summary
 
     def _handle(self, frames: list) -> None:
-        from leukoflow import wire
 
         try:
             msg = wire.decode(frames)
@@ -821,7 +820,6 @@ class Collector:
     def _tap(self, tap_in: Any, tap_out: Any, events: dict, pending: deque) -> None:
         import zmq
 
-        from leukoflow import wire
 
         if tap_in in events and not pending:
             for _ in range(64):
@@ -858,7 +856,6 @@ class Collector:
             return
         import zmq
 
-        from leukoflow import wire
 
         try:
             live = {k: v for k, v in snap.items() if k not in ("senders", "params")}

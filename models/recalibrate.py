@@ -11,16 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.artifact import save_artifact, to_jsonable
-from models.calibration import (
+from leukoflow.models.artifact import save_artifact, to_jsonable
+from leukoflow.models.calibration import (
     calibration_report,
     fit_temperature,
     reliability_diagram,
     softmax_t,
 )
-from models.data import load_splits
-from models.ood import DETECTORS
-from models.train import predict
+from leukoflow.models.data import load_splits
+from leukoflow.models.ood import DETECTORS
+from leukoflow.models.train import predict
 
 
 def recalibrate(artifact, data: str, out: str | Path | None = None, data_seed: int = 0,
@@ -33,7 +33,7 @@ def recalibrate(artifact, data: str, out: str | Path | None = None, data_seed: i
     artifact : models.artifact.Artifact
         Loaded artifact.
     data : str
-        Dataset spec (``models.data.load_splits``); its train split feeds the detector
+        Dataset spec (``leukoflow.models.data.load_splits``); its train split feeds the detector
         statistics and its validation split the temperature and threshold.
     out : path, optional
         Folder for the updated artifact (default: overwrite ``artifact.path``).

@@ -10,8 +10,8 @@ computed here with the model), this writes into ``out_dir``:
 * SpRAy clustering per predicted class (kNN graph, eigengap, k-means) with a 2-D spectral
   embedding plot (``spray.png``);
 * dataset mode only: the relevance-location summary per class pair
-  (:mod:`explain.location`) and TCAV with concepts from the simulator's ground truth
-  (:mod:`explain.tcav`: concept sets rendered by the simulator for ``sim`` sources, or
+  (:mod:`leukoflow.research.location`) and TCAV with concepts from the simulator's ground truth
+  (:mod:`leukoflow.research.tcav`: concept sets rendered by the simulator for ``sim`` sources, or
   per-cell truth when the dataset carries it), with its table in ``tcav.md``;
 * ``meta.json`` with every number and parameter.
 """
@@ -25,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.research.location import pair_location_summary
+from leukoflow.research.spray import spray
+from leukoflow.research.tcav import concepts_from_truth, run_tcav, tcav_markdown, tcav_sim
 
 CONF_BINS: tuple[float, ...] = (0.0, 0.5, 0.8, 0.95, 1.0)
 
@@ -55,7 +60,7 @@ class MetaConfig:
         Examples per concept (and per random set) / cells per class scored.
     tcav_layers : tuple of str
         TCAV layers (module names of the explainer model; the first is the primary one;
-        empty = :func:`explain.tcav.default_layers`). Used with simulator concepts;
+        empty = :func:`leukoflow.research.tcav.default_layers`). Used with simulator concepts;
         truth-derived concepts use the last Conv2d.
     seed : int
     """
@@ -92,7 +97,7 @@ class MapSet:
 
 def load_run(run_dir: str | Path, method: str = "lime") -> MapSet:
     """Read every explanation artifact of a run folder (``<run_dir>/explanations``)."""
-    from explain.artifacts import read_cell_artifact
+    from leukoflow.explain.artifacts import read_cell_artifact
 
     root = Path(run_dir)
     folder = root / "explanations" if (root / "explanations").is_dir() else root
@@ -113,7 +118,6 @@ def load_run(run_dir: str | Path, method: str = "lime") -> MapSet:
         names = tuple(doc.get("classes") or names)
     if not maps:
         raise ValueError(f"no {method!r} explanations in {folder}")
-    from leukoflow import CLASS_NAMES
 
     return MapSet(np.stack(maps), np.stack(phase), np.asarray(pred), np.asarray(conf),
                   np.asarray(label), ids, method, names or CLASS_NAMES)
@@ -122,7 +126,7 @@ def load_run(run_dir: str | Path, method: str = "lime") -> MapSet:
 def compute_maps(bundle, x: np.ndarray, y: np.ndarray, cfg: MetaConfig = MetaConfig(),
                  truth: dict[str, np.ndarray] | None = None) -> MapSet:
     """Explain (a stratified subset of) a labeled dataset for its predicted classes."""
-    from explain.methods import EXPLAINERS
+    from leukoflow.explain.methods import EXPLAINERS
 
     rng = np.random.default_rng(cfg.seed)
     y = np.asarray(y)
@@ -242,9 +246,8 @@ def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bu
 
     ``bundle``, ``x``, ``y`` enable the location summary; TCAV runs with concepts from
     ``truth`` (per-cell morphology) or, with ``sim_concepts``, with concept sets rendered
-    by the simulator (:func:`explain.tcav.tcav_sim`); its table goes to ``tcav.md``.
+    by the simulator (:func:`leukoflow.research.tcav.tcav_sim`); its table goes to ``tcav.md``.
     """
-    from explain.spray import spray
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,8 +276,7 @@ def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bu
                   for r in [spray_res[n]]}}
     if bundle is not None and x is not None and y is not None:
         if cfg.location_cells > 0:
-            from explain.lime_batched import LimeParams
-            from explain.location import pair_location_summary
+            from leukoflow.explain.lime_batched import LimeParams
 
             loc = pair_location_summary(bundle, x, y, n_per_class=cfg.location_cells,
                                         rim_px=cfg.rim_px, seed=cfg.seed,
@@ -282,7 +284,6 @@ def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bu
                                                                seed=cfg.seed))
             summary["relevance_location"] = {k: v.to_dict() for k, v in loc.items()}
         if cfg.tcav and sim_concepts:
-            from explain.tcav import tcav_sim
 
             summary["tcav"] = tcav_sim(bundle, n_concept=cfg.tcav_concept_size,
                                        n_inputs=cfg.tcav_inputs, n_random=cfg.tcav_random,
@@ -290,7 +291,6 @@ def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bu
         elif cfg.tcav and truth:
             summary["tcav"] = tcav_from_truth(bundle, x, y, truth, cfg)
         if "by_layer" in summary.get("tcav", {}):
-            from explain.tcav import tcav_markdown
 
             (out / "tcav.md").write_text("\n\n".join(
                 tcav_markdown(summary["tcav"], ly) for ly in summary["tcav"]["layers"]) + "\n")
@@ -302,7 +302,6 @@ def run_meta(ms: MapSet, out_dir: str | Path, cfg: MetaConfig = MetaConfig(), bu
 def tcav_from_truth(bundle, x: np.ndarray, y: np.ndarray, truth: dict[str, np.ndarray],
                     cfg: MetaConfig = MetaConfig()) -> dict[str, Any]:
     """TCAV for every class with concepts derived from the ground truth (see explain.tcav)."""
-    from explain.tcav import concepts_from_truth, run_tcav
 
     rng = np.random.default_rng(cfg.seed)
     concepts = concepts_from_truth(x, truth, cfg.tcav_concept_size, rng)

@@ -2,15 +2,15 @@
 
 Every sample is scored by models that never saw it (stratified k-fold, out-of-fold):
 
-1. each fold trains a fresh network (``models.train.train_model``, early stopping on an
+1. each fold trains a fresh network (``leukoflow.models.train.train_model``, early stopping on an
    inner validation split of the training part), fits a temperature on that inner split
-   (``models.calibration.fit_temperature``) and predicts calibrated probabilities for the
+   (``leukoflow.models.calibration.fit_temperature``) and predicts calibrated probabilities for the
    held-out fold;
 2. **label disagreement** = 1 - p(label) from those out-of-fold calibrated probabilities
    (a confidently wrong model on a sample it never saw points to a wrong label);
    The probabilities come from the CNN, from a logistic regression on rotation-invariant
-   phase descriptors (:mod:`explain.descriptors`), or a mixture of both whose weight is
-   fitted on the inner validation split (default).
+   phase descriptors (:mod:`leukoflow.research.ring_descriptors`), or a mixture of both whose
+   weight is fitted on the inner validation split (default).
 3. **OOD score** = distance to the k-th nearest training sample in the penultimate feature
    space (L2-normalised features), divided by the 95th percentile of the same distance on
    the inner validation split (> 1: farther out than 95 % of in-distribution cells).
@@ -33,6 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.models.calibration import fit_temperature, softmax_t
+from leukoflow.models.train import TrainConfig, train_model
+from leukoflow.research.ring_descriptors import fit_predict_descriptors, phase_descriptors
+
 log = logging.getLogger("leukoflow.audit")
 
 
@@ -45,14 +50,15 @@ class AuditConfig:
     folds : int
         Number of stratified folds (k).
     model : str
-        ``cnn`` (a network per fold), ``descriptors`` (logistic regression on rotation-
-        invariant phase descriptors, :mod:`explain.descriptors`) or ``cnn+descriptors``
+        ``cnn`` (a network per fold), ``descriptors`` (logistic regression on
+        rotation-invariant phase descriptors, :mod:`~leukoflow.research.ring_descriptors`)
+        or ``cnn+descriptors``
         (mixture of both calibrated probability vectors, weight fitted per fold on the
         inner validation NLL). Explanations and the feature-space
         OOD score need the CNN (``descriptors`` alone uses descriptor-space distances and
         explains nothing).
     architecture : str
-        ``models.architectures.ARCHITECTURES`` name.
+        ``leukoflow.models.architectures.ARCHITECTURES`` name.
     epochs, patience, batch_size : int
         Training per fold (early stopping on the inner validation NLL).
     lr : float
@@ -169,11 +175,8 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, cfg: AuditConfig = AuditConfig(),
     import torch
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    from explain.model import ModelBundle
-    from leukoflow import CLASS_NAMES
-    from models.architectures import ARCHITECTURES
-    from models.calibration import fit_temperature, softmax_t
-    from models.train import TrainConfig, train_model
+    from leukoflow.explain.model import ModelBundle
+    from leukoflow.models.architectures import ARCHITECTURES
 
     names = tuple(class_names or CLASS_NAMES)
     x = np.asarray(x, np.float32)
@@ -198,7 +201,6 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, cfg: AuditConfig = AuditConfig(),
     temps, bundles, hists = [], [], []
     desc = None
     if use_desc:
-        from explain.descriptors import fit_predict_descriptors, phase_descriptors
 
         desc = phase_descriptors(x)
     skf = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
@@ -289,7 +291,7 @@ def precision_at_k(order: np.ndarray, truth: np.ndarray, k: int | None = None) -
 
 def _explain_suspects(oof: OutOfFold, x: np.ndarray, idx: np.ndarray, cfg: AuditConfig
                       ) -> dict[int, dict[str, np.ndarray]]:
-    from explain.methods import EXPLAINERS
+    from leukoflow.explain.methods import EXPLAINERS
 
     out: dict[int, dict[str, np.ndarray]] = {}
     for f in np.unique(oof.fold[idx]):
@@ -315,7 +317,7 @@ def _suspect_png(path: Path, x: np.ndarray, rows: list[dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from explain.artifacts import overlay_rgb
+    from leukoflow.explain.artifacts import overlay_rgb
 
     n = len(rows)
     if n == 0:
@@ -390,7 +392,6 @@ def run_audit(x: np.ndarray, y: np.ndarray, out_dir: str | Path,
     dict
         The ``audit.json`` summary.
     """
-    from leukoflow import CLASS_NAMES
 
     names = tuple(class_names or CLASS_NAMES)
     out = Path(out_dir)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from leukoflow.models.calibration import fit_temperature, softmax_t
+
 
 def phase_descriptors(x: np.ndarray, ring_px: int = 2, n_rings: int = 16,
                       mask_rad: float | None = None) -> np.ndarray:
@@ -66,7 +68,6 @@ def fit_predict_descriptors(f_train: np.ndarray, y_train: np.ndarray, f_val: np.
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from models.calibration import fit_temperature, softmax_t
 
     sc = StandardScaler().fit(f_train)
     clf = LogisticRegression(C=c, max_iter=3000).fit(sc.transform(f_train), y_train)

@@ -22,12 +22,17 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core import transport, wire
+from leukoflow.core.rtdc import open_rtdc
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.run.collector import DECISIONS, read_cell_log
+from leukoflow.run.recorder import DCLAB_SCALARS, read_recording
+
 log = logging.getLogger(__name__)
 
 
 def recording_kind(path: str | Path) -> str:
     """``"crops"`` (``qpi_pha`` events) or ``"raw"`` (``qpi_oah`` holograms)."""
-    from leukoflow.rtdc import open_rtdc
 
     p = Path(path)
     if not p.exists():
@@ -81,7 +86,6 @@ class ReplayPublisher:
     def __init__(self, path: str | Path, crops_endpoint: str, collector_endpoint: str,
                  run_id: str = "replay", rate: float | None = None, realtime: bool = False,
                  batch: int = 16, linger_s: float = 30.0) -> None:
-        from leukoflow.recorder import read_recording
 
         self.path = Path(path)
         self.rec = read_recording(self.path)
@@ -114,8 +118,6 @@ class ReplayPublisher:
         """Publish every cell (or until :meth:`stop`); return publishing statistics."""
         import zmq
 
-        from leukoflow import CLASS_NAMES, transport, wire
-        from leukoflow.recorder import DCLAB_SCALARS
 
         ctx = zmq.Context.instance()
         push = transport.make_socket(ctx, "PUSH", self.crops_endpoint, bind=True, hwm=100,
@@ -201,8 +203,6 @@ def compare_decisions(recording: str | Path, run_dir: str | Path) -> dict[str, A
         ``max_prob_diff`` and ``exact`` (True when every recorded cell got the same decision
         and class).
     """
-    from leukoflow.collector import DECISIONS, read_cell_log
-    from leukoflow.recorder import read_recording
 
     rec = read_recording(recording)
     logs = read_cell_log(Path(run_dir) / "cells.bin")

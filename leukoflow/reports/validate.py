@@ -2,7 +2,7 @@
 
 ``validate_recording(path)`` reads a leukoflow ``.rtdc`` recording (predictions in
 ``ml_score_*`` and ``userdef2..5``, ground truth in ``userdef0``; see
-:mod:`leukoflow.recorder`) and reports
+:mod:`leukoflow.run.recorder`) and reports
 
 * ``classification``: arg-max accuracy over every labelled in-distribution cell, the
   confusion matrix (rows = true class, columns = predicted class) and per-class precision,
@@ -10,8 +10,8 @@
 * ``decisions``: rows = true class (and ``ood`` objects), columns = class / uncertain / ood;
 * ``differential``: live differential (fraction of counted cells per predicted class) vs the
   true differential of the labelled in-distribution cells, error in percentage points;
-* ``calibration``: ECE (15 equal-width bins, top label; :mod:`models.calibration`), adaptive
-  ECE, MCE, NLL, Brier and the reliability-diagram bins;
+* ``calibration``: ECE (15 equal-width bins, top label; :mod:`leukoflow.models.calibration`),
+  adaptive ECE, MCE, NLL, Brier and the reliability-diagram bins;
 * ``ood``: rejection rate of OOD objects (decided ``ood``), per object kind, and the false
   rejection rate of in-distribution cells.
 """
@@ -24,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.inference.differential import em_prior_shift
+from leukoflow.models import calibration
+from leukoflow.run.recorder import read_recording
 
 N_BINS = 15
 
@@ -77,7 +80,6 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, decisions: Seque
     classes : sequence of str
         Class names in column order.
     """
-    from models import calibration
 
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -121,7 +123,6 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, decisions: Seque
     n_cnt = int(all_counted.sum())
     n_true = int(idd.sum())
     # the reported differential: prior-shift corrected estimate over in-distribution cells
-    from inference.differential import em_prior_shift
 
     in_dist = dec != "ood"
     est = em_prior_shift(probs[in_dist]) if in_dist.any() else np.full(k, np.nan)
@@ -174,7 +175,6 @@ def validate_recording(path: str | Path) -> dict[str, Any]:
     ValueError
         When the file has no predictions or no labels.
     """
-    from leukoflow.recorder import read_recording
 
     rec = read_recording(path)
     if "probs" not in rec or "decision" not in rec:
@@ -184,10 +184,3 @@ def validate_recording(path: str | Path) -> dict[str, Any]:
     out["file"] = str(path)
     out["model"] = rec["meta"].get("user:model", None)
     return out
-
-
-def write_html(result: dict[str, Any], out: str | Path) -> Path:
-    """Write a self-contained validation report (HTML + PNG figures) into folder ``out``."""
-    from leukoflow import report
-
-    return report.write_validation_report(result, out)

@@ -2,7 +2,7 @@
 
 The seed paper (Röhrl et al. 2023) reported that its classifier tells **monocytes from
 eosinophils by the cell interior** and **neutrophils from lymphocytes by size (the rim)**.
-In the simulator (:mod:`acquisition.sim.cells`) both pairs differ in size and interior
+In the simulator (:mod:`leukoflow.acquisition.sim.cells`) both pairs differ in size and interior
 (mean diameters 14.0 vs 11.8 µm and 11.0 vs 8.0 µm; eosinophils carry coarse refractile
 granules and a bilobed nucleus, monocytes a kidney-shaped nucleus and vacuoles, neutrophils
 3-5 lobes and fine granules, lymphocytes a large round nucleus); which cue a trained model
@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 from torch import nn
+
+from leukoflow.acquisition.sim.cells import leukocyte_model
 
 #: The two class pairs of the seed paper's finding: (interior pair, size pair).
 FINDING_PAIRS: tuple[tuple[str, str], ...] = (("monocyte", "eosinophil"),
@@ -302,7 +304,6 @@ def _pair_cells(y: np.ndarray, ia: int, ib: int) -> np.ndarray:
 
 def _size_direction(a: str, b: str) -> tuple[str, float]:
     """(larger class, matched factor = smaller mean diameter / larger) from the simulator."""
-    from acquisition.sim.cells import leukocyte_model
 
     da = leukocyte_model(a).diameter_moments()[0]
     db = leukocyte_model(b).diameter_moments()[0]
@@ -417,7 +418,7 @@ def contrastive_maps(bundle, x: np.ndarray, pair_idx: tuple[int, int], method: s
 
     x = np.asarray(x, np.float32)
     if method == "lime":
-        from explain.lime_batched import LimeParams, explain_many
+        from leukoflow.explain.lime_batched import LimeParams, explain_many
 
         lp = LimeParams(n_samples=cfg.lime_samples, seed=cfg.seed)
         res = explain_many(bundle.module, x, [tuple(pair_idx)] * len(x), lp,

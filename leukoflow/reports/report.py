@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.reports.validate import evaluate_predictions, reliability_bins
+from leukoflow.run.collector import read_cell_log
 
 DECISION_COLOURS = {"counted": "#2b8a3e", "uncertain": "#e67700", "ood": "#c92a2a"}
 GALLERY_MAX = 24
@@ -196,7 +198,7 @@ def fig_histograms(recs: np.ndarray, path: Path) -> str:
 
 
 def fig_reliability(rel: Mapping[str, Any], path: Path, title: str = "Reliability") -> str:
-    """Reliability diagram from :func:`leukoflow.validate.reliability_bins` output."""
+    """Reliability diagram from :func:`leukoflow.reports.validate.reliability_bins` output."""
     plt = _plt()
     edges = np.asarray(rel["edges"])
     centres = (edges[:-1] + edges[1:]) / 2
@@ -331,8 +333,6 @@ def write_run_report(run_dir: str | Path, title: str | None = None) -> Path:
     title : str, optional
         Page title.
     """
-    from leukoflow.collector import read_cell_log
-    from leukoflow.validate import evaluate_predictions, reliability_bins
 
     run_dir = Path(run_dir)
     out = run_dir / "report"

@@ -2,7 +2,7 @@
 
 A concept is a set of crops sharing a property. Here the simulator makes them (see
 :func:`sim_concept_sets`): cells of **all four classes** (equal numbers) are rendered by the
-classes' own models in :mod:`acquisition.sim.cells` with one property imposed, and go
+classes' own models in :mod:`leukoflow.acquisition.sim.cells` with one property imposed, and go
 through the same hologram/camera path as the training crops:
 
 * ``large_size``: the cell diameter is drawn from U(14, 16.5) µm (the monocyte range);
@@ -34,6 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.acquisition.sim import SimConfig, make_crop_dataset
+from leukoflow.acquisition.sim.cells import OBJECT_MODELS
+from leukoflow.acquisition.sim.dataset import _HologramPath, place
+from leukoflow.acquisition.sim.flow import render_context
+from leukoflow.core.vocabulary import CLASS_NAMES
+
 
 def default_layer(module) -> str:
     """Name of the last ``nn.Conv2d`` in the explainer model (TCAV layer)."""
@@ -49,7 +55,7 @@ def default_layer(module) -> str:
 
 
 def default_layers(module) -> list[str]:
-    """TCAV layers of a :class:`models.architectures.PhaseCNN` explainer model.
+    """TCAV layers of a :class:`leukoflow.models.architectures.PhaseCNN` explainer model.
 
     The last ``nn.Conv2d`` (:func:`default_layer`; LeNet5's second convolution, 16 x 26 x 26
     at 64 px, before its ReLU) and the first hidden fully connected ReLU of ``head`` (when
@@ -473,7 +479,6 @@ EXPECTED_CONCEPTS: dict[str, str] = {"large_size": "monocyte",
 
 def concept_model(kind: str, concept: str):
     """The simulator's model of class ``kind`` with ``concept`` imposed (see module doc)."""
-    from acquisition.sim.cells import OBJECT_MODELS
 
     base = OBJECT_MODELS.get(kind)
     if concept == "large_size":
@@ -506,14 +511,11 @@ def render_crops(models: Sequence[Any], seed: int, crop: int = 64,
     """Crops (N, crop, crop) [rad] of one object per model, as ``make_crop_dataset`` makes them.
 
     Each object is rendered, centred on its phase centroid and (by default) sent through
-    the simulated hologram, camera and ideal demodulation (``acquisition.sim.dataset``).
+    the simulated hologram, camera and ideal demodulation (``leukoflow.acquisition.sim.dataset``).
     ``seed`` fixes the instrument (background windows and camera-noise bank, exactly as a
     ``make_crop_dataset(..., seed=seed)`` call); ``stream`` selects independent object
     and noise draws, so sets rendered with one seed share the instrument but not the cells.
     """
-    from acquisition.sim import SimConfig
-    from acquisition.sim.dataset import _HologramPath, place
-    from acquisition.sim.flow import render_context
 
     cfg = SimConfig(seed=seed)
     ctx = render_context(cfg)
@@ -547,7 +549,6 @@ def sim_concept_sets(concepts: Sequence[str], n: int, seed: int = 0, crop: int =
     All sets share the instrument of ``make_crop_dataset(..., seed=seed)`` (same background
     and noise bank), so a CAV cannot pick up an instrument difference.
     """
-    from leukoflow import CLASS_NAMES
 
     out = {}
     for j, c in enumerate(concepts):
@@ -583,7 +584,6 @@ def tcav_sim(bundle, concepts: Sequence[str] = tuple(EXPECTED_CONCEPTS), n_conce
         ``"expected_significant"`` (concept -> layer -> ``{"score_test",
         "magnitude_test"}``: significant in the expected direction, above the controls).
     """
-    from acquisition.sim import make_crop_dataset
 
     # one instrument for every set: concept sets are rendered with the seed of the natural
     # crops, which are split into random sets, control concepts and scored inputs
@@ -623,7 +623,7 @@ def sim_truth_crops(n_per_class: int, seed: int = 0, crop: int = 64, noise_rad: 
                     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Crops rendered by the simulated instrument's cell models with their ground truth.
 
-    Each leukocyte is drawn by ``acquisition.sim.OBJECT_MODELS`` and placed in a crop
+    Each leukocyte is drawn by ``leukoflow.acquisition.sim.OBJECT_MODELS`` and placed in a crop
     (noise-free phase plus white noise of ``noise_rad`` [rad]); the drawn morphology comes
     back as truth arrays: ``diameter_um`` [µm], ``lobes`` (nuclear lobes, 0 = round or
     kidney-shaped), ``granules`` (count), ``granule_phase_rad`` (peak phase per granule).
@@ -634,10 +634,6 @@ def sim_truth_crops(n_per_class: int, seed: int = 0, crop: int = 64, noise_rad: 
     y : ndarray int64 (N,)
     truth : dict of ndarray (N,)
     """
-    from acquisition.sim import OBJECT_MODELS, SimConfig
-    from acquisition.sim.dataset import place, render_context
-    from leukoflow import CLASS_NAMES
-
     ctx = render_context(SimConfig(seed=seed))
     rng = np.random.default_rng([seed, 0x7CA5])
     xs, ys = [], []

@@ -15,7 +15,7 @@ concentrated inside; < 1 = concentrated at the rim).
 
 The quantified reproduction of the finding (causal ablations, contrastive LIME, Guided
 Backprop and Integrated Gradients with bootstrap intervals, physical rim width in µm) is in
-:mod:`explain.finding` (``leukoflow explain finding``; results in docs/finding-sim.md).
+:mod:`leukoflow.research.finding` (``leukoflow explain finding``; results in docs/finding-sim.md).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def pair_location_summary(bundle, x: np.ndarray, y: np.ndarray,
     dict
         ``"a_vs_b"`` -> :class:`PairSummary`.
     """
-    from explain.lime_batched import LimeParams, explain_many
+    from leukoflow.explain.lime_batched import LimeParams, explain_many
 
     lp = lime_params or LimeParams(n_samples=300)
     names = list(bundle.class_names)

@@ -1,0 +1,1 @@
+"""Run reports and validation of recordings against labels."""

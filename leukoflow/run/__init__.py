@@ -1,0 +1,1 @@
+"""Running the instrument: collector, recorder, orchestration, replay, live view."""
