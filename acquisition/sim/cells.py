@@ -146,7 +146,8 @@ class Leukocyte(ObjectModel):
     def render(self, rng: np.random.Generator, ctx: RenderContext) -> PhaseObject:
         pr = self.params
         p: dict = {}
-        d = self.draw_diameter(rng, p)
+        d = self.draw_diameter(rng, p) * float(ctx.size_scale.get(self.kind, 1.0))
+        ri = float(ctx.ri_scale.get(self.kind, 1.0))
         aspect = _u(rng, pr.aspect)
         a = 0.5 * d / math.sqrt(aspect)  # keep the projected area of a d-diameter disc
         b = a * aspect
@@ -156,6 +157,9 @@ class Leukocyte(ObjectModel):
         y, x = grid(n, ctx.pixel_um, angle)
         n_c = _u(rng, pr.n_cytoplasm)
         dn_n = _u(rng, pr.dn_nucleus)
+        if ri != 1.0:  # scale the index contrast to the medium (and of the nucleus)
+            n_c = ctx.medium_index + ri * (n_c - ctx.medium_index)
+            dn_n *= ri
         p.update({"diameter_um": d, "aspect": aspect, "half_height_um": c, "angle": angle,
                   "n_cytoplasm": n_c, "n_nucleus": n_c + dn_n})
         t_cell = ellipsoid(y, x, a, b, c)

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leukoflow.acquisition.sim import beads as _beads  # noqa: F401  (registers the bead model)
 from leukoflow.acquisition.sim import ood as _ood  # noqa: F401  (registers the OOD object models)
 from leukoflow.acquisition.sim.cells import OBJECT_MODELS
+from leukoflow.acquisition.sim.ood import propagate_object
 from leukoflow.acquisition.sim.optics import Camera, Interferometer, fourier_upsample
 from leukoflow.acquisition.sim.params import SimConfig
 from leukoflow.acquisition.sim.render import PhaseObject, RenderContext
@@ -146,11 +148,20 @@ class FlowObject:
 
 
 def render_context(cfg: SimConfig) -> RenderContext:
-    """The :class:`RenderContext` of a :class:`SimConfig`."""
+    """The :class:`RenderContext` of a :class:`SimConfig` (objects are rendered on the
+    object-plane pixel of :attr:`SimConfig.object_optics`)."""
     probs = {c: cfg.class_fractions.get(c, 0.0) for c in cfg.class_fractions}
-    return RenderContext(pixel_um=cfg.optics.pixel_um, wavelength_um=cfg.optics.wavelength_um,
-                         medium_index=cfg.optics.medium_index, smoothing_px=cfg.smoothing_px,
-                         class_probs=probs, defocus_um=tuple(cfg.defocus_um))
+    o = cfg.object_optics
+    return RenderContext(pixel_um=o.pixel_um, wavelength_um=o.wavelength_um,
+                         medium_index=o.medium_index, smoothing_px=cfg.smoothing_px,
+                         class_probs=probs, defocus_um=tuple(cfg.defocus_um),
+                         size_scale=dict(cfg.size_scale), ri_scale=dict(cfg.ri_scale),
+                         bead=cfg.bead)
+
+
+def focus_rng(seed: int, cell_id: int) -> np.random.Generator:
+    """Generator of the focus distance of object ``cell_id`` (independent of its shape)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(cell_id), 0xF0C5]))
 
 
 def object_rng(seed: int, cell_id: int) -> np.random.Generator:
@@ -184,7 +195,8 @@ class FlowSimulator:
 
     def __init__(self, cfg: SimConfig | None = None) -> None:
         self.cfg = cfg = cfg or SimConfig()
-        o = cfg.optics
+        # objects live on the object-plane pixel (nominal pixel / true magnification)
+        self.optics = o = cfg.object_optics
         self.d = o.downsample
         self.shape = tuple(o.roi_shape)
         self.phase_shape = o.phase_shape
@@ -228,11 +240,15 @@ class FlowSimulator:
             kind = self._kinds[int(rng.choice(len(self._kinds), p=self._kind_p))]
             speed = self.mean_speed_px_s * rng.uniform(1 - cfg.speed_spread,
                                                        1 + cfg.speed_spread)
-            lateral = rng.normal(0.0, cfg.lateral_sd_um) / cfg.optics.pixel_um
+            lateral = rng.normal(0.0, cfg.lateral_sd_um) / self.optics.pixel_um
             cid = self._next_id
             self._next_id += 1
             obj = self._models[kind].render(object_rng(cfg.seed, cid), self.ctx)
-            r_px = 0.5 * obj.extent_um / cfg.optics.pixel_um
+            if cfg.focus_offset_um or cfg.focus_sd_um:
+                dz = cfg.focus_offset_um + cfg.focus_sd_um * focus_rng(cfg.seed, cid).normal()
+                if dz:
+                    obj = propagate_object(obj, float(dz), self.ctx)
+            r_px = 0.5 * obj.extent_um / self.optics.pixel_um
             hp = self.phase_shape[0]
             lim = max(0.0, hp / 2 - r_px - 1)
             y = hp / 2 + float(np.clip(lateral, -lim, lim))
@@ -243,7 +259,7 @@ class FlowSimulator:
 
     def _truth(self, fo: FlowObject, y0: int, x0: int) -> CellTruth | None:
         cy, cx = fo.centre(y0, x0)
-        r = 0.5 * fo.obj.extent_um / self.cfg.optics.pixel_um
+        r = 0.5 * fo.obj.extent_um / self.optics.pixel_um
         hp, wp = self.phase_shape
         if cx + r < 0 or cx - r >= wp:
             return None
@@ -251,7 +267,7 @@ class FlowSimulator:
         return CellTruth(cell_id=fo.cell_id, kind=fo.obj.kind, label=fo.obj.label,
                          y_px=float(cy), x_px=float(cx), diameter_um=float(fo.obj.diameter_um),
                          fully_inside=bool(inside), defocus_um=float(fo.obj.defocus_um),
-                         speed_um_s=float(fo.speed_px_s * self.cfg.optics.pixel_um))
+                         speed_um_s=float(fo.speed_px_s * self.optics.pixel_um))
 
     def _render(self, holo: np.ndarray, z: np.ndarray,
                 placed: list[tuple[FlowObject, int, int]]) -> None:

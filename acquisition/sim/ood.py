@@ -135,24 +135,42 @@ class Defocused(ObjectModel):
     kind = "defocus"
 
     def render(self, rng, ctx):
-        from skimage.restoration import unwrap_phase
-
         cell = leukocyte_model(_draw_class(rng, ctx)).render(rng, ctx)
         dist = rng.uniform(*ctx.defocus_um) * (1 if rng.uniform() < 0.5 else -1)
-        margin = int(math.ceil(0.35 * abs(dist) / ctx.pixel_um)) + 6
-        ph = np.pad(cell.phase, margin)
-        n = ph.shape[0]
-        f = angular_spectrum(np.exp(1j * ph.astype(np.float64)), dist, ctx.pixel_um,
-                             ctx.wavelength_um, ctx.medium_index)
-        win = soft_window(n, margin // 2)
-        f = 1.0 + (f - 1.0) * win  # the spread field fades to the empty field at the border
-        phase = unwrap_phase(np.angle(f).astype(np.float64))
-        border = np.concatenate([phase[0], phase[-1], phase[:, 0], phase[:, -1]])
-        phase -= 2 * math.pi * np.round(np.median(border) / (2 * math.pi))
-        return _obj(self.kind, phase.astype(np.float32), ctx, cell.diameter_um,
-                    cell.diameter_um + 2 * 0.35 * abs(dist),
-                    amplitude=np.abs(f).astype(np.float32), defocus_um=float(dist),
+        out = propagate_object(cell, dist, ctx)
+        return _obj(self.kind, out.phase, ctx, cell.diameter_um, out.extent_um,
+                    amplitude=out.amplitude, defocus_um=float(dist),
                     params={"cell": cell.kind})
+
+
+def propagate_object(obj: PhaseObject, dist_um: float, ctx: RenderContext) -> PhaseObject:
+    """The object seen ``dist_um`` [µm] out of focus (angular-spectrum propagation).
+
+    The patch is padded by the spread of the field (0.35·|d| plus 6 px), propagated,
+    faded to the empty field at the border, and unwrapped (scikit-image); the returned
+    object keeps ``kind``, ``label``, ``diameter_um`` and ``params`` and gets the amplitude
+    and ``defocus_um``. Used for the ``defocus`` OOD kind and for a focus offset of the
+    whole instrument (``SimConfig.focus_offset_um``).
+    """
+    from skimage.restoration import unwrap_phase
+
+    margin = int(math.ceil(0.35 * abs(dist_um) / ctx.pixel_um)) + 6
+    ph = np.pad(obj.phase, margin)
+    field0 = np.exp(1j * ph.astype(np.float64))
+    if obj.amplitude is not None:
+        field0 = field0 * np.pad(obj.amplitude, margin, constant_values=1.0)
+    n = ph.shape[0]
+    f = angular_spectrum(field0, dist_um, ctx.pixel_um, ctx.wavelength_um, ctx.medium_index)
+    win = soft_window(n, margin // 2)
+    f = 1.0 + (f - 1.0) * win  # the spread field fades to the empty field at the border
+    phase = unwrap_phase(np.angle(f).astype(np.float64))
+    border = np.concatenate([phase[0], phase[-1], phase[:, 0], phase[:, -1]])
+    phase -= 2 * math.pi * np.round(np.median(border) / (2 * math.pi))
+    return PhaseObject(kind=obj.kind, label=obj.label, phase=phase.astype(np.float32),
+                       pixel_um=ctx.pixel_um, diameter_um=obj.diameter_um,
+                       extent_um=obj.diameter_um + 2 * 0.35 * abs(dist_um),
+                       amplitude=np.abs(f).astype(np.float32),
+                       defocus_um=float(obj.defocus_um + dist_um), params=dict(obj.params))
 
 
 _DIGITS: np.ndarray | None = None

@@ -184,6 +184,7 @@ class Camera:
         self.max_count = float(2**bit_depth - 1)
         self.inv_gain = self.max_count / model.full_well_e  # counts per electron
         self.read2 = model.read_noise_counts**2
+        self.step = float(2 ** max(0, bit_depth - int(getattr(model, "adc_bits", bit_depth))))
 
     def sigma(self, intensity: np.ndarray) -> np.ndarray:
         """Noise RMS [counts] at a noise-free ``intensity`` [counts]."""
@@ -202,6 +203,9 @@ class Camera:
         intensity += sig
         intensity += 0.5  # round half up by truncation after clipping
         np.clip(intensity, 0, self.max_count, out=intensity)
+        if self.step > 1:  # fewer effective ADC bits: counts in steps of 2**(8 - adc_bits)
+            np.floor(intensity / self.step, out=intensity)
+            intensity *= self.step
         if out is None:
             return intensity.astype(np.uint8)
         out[...] = intensity

@@ -44,6 +44,10 @@ class CameraModel:
         Gaussian read noise [counts RMS].
     noise_bank : int
         Number of precomputed noise frames cycled by the fast simulator.
+    adc_bits : int
+        Effective ADC resolution [bit], 4..8: frames stay uint8 (``Optics.bit_depth`` = 8)
+        but counts are quantised to multiples of ``2**(8 - adc_bits)`` (an aged or
+        mis-set camera loses the low bits).
     """
 
     mean_counts: float = 100.0
@@ -51,6 +55,7 @@ class CameraModel:
     full_well_e: float = 10_000.0
     read_noise_counts: float = 0.5
     noise_bank: int = 16
+    adc_bits: int = 8
 
     def amplitudes(self) -> tuple[float, float]:
         """Reference and object beam amplitudes (a_r, a_o) [sqrt(counts)]."""
@@ -91,6 +96,33 @@ class BackgroundModel:
     dust_amplitude: float = 0.03
     ring_period_um: tuple[float, float] = (4.0, 8.0)
     parasitic_fringe: float = 0.02
+
+
+@dataclass(frozen=True)
+class BeadModel:
+    """Reference beads of the QC sample: homogeneous spheres of known size and index.
+
+    The defaults describe polyacrylamide microgel beads as used to calibrate QPI and
+    deformability cytometers (diameter certified to ~1-2 %, index ~1.37 at 530 nm): their
+    phase (~3 rad at the centre) is in the range of the cells, so the live reconstruction,
+    segmentation and unwrapping treat them like cells.
+
+    Attributes
+    ----------
+    diameter_um : float
+        Mean (certified) bead diameter [µm].
+    diameter_cv : float
+        Coefficient of variation of the diameter (normal, clipped to ±3 sd).
+    index : float
+        Refractive index of the bead material at the simulated wavelength.
+    index_sd : float
+        Standard deviation of the index between beads.
+    """
+
+    diameter_um: float = 8.0
+    diameter_cv: float = 0.015
+    index: float = 1.370
+    index_sd: float = 0.0005
 
 
 @dataclass
@@ -135,6 +167,28 @@ class SimConfig:
         Camera and beam intensities.
     background : BackgroundModel
         Static illumination profile and artefacts.
+    magnification : float
+        True magnification of the optics relative to the nominal one in ``optics`` (1 =
+        as designed). Objects are rendered on pixels of ``optics.pixel_um / magnification``
+        [µm] while the acquisition still assumes ``optics.pixel_um``: a changed objective,
+        tube lens or camera adapter. Reference-particle QC measures it.
+    focus_offset_um : float
+        Mean distance of every object from the focal plane [µm] (a focus drift of the
+        instrument; 0 = in focus). Each object's field is propagated by a distance drawn
+        from N(focus_offset_um, focus_sd_um) (angular spectrum).
+    focus_sd_um : float
+        Spread of the per-object focus distance [µm] (channel depth).
+    size_scale : dict[str, float]
+        Factor on the drawn diameter per leukocyte class (CLASS_NAMES keys; missing = 1):
+        e.g. an osmolarity change of the sample swells or shrinks the cells.
+    ri_scale : dict[str, float]
+        Factor on the refractive-index contrast (n - n_medium and n_nucleus - n_cyto) per
+        leukocyte class (missing = 1).
+    bead_fraction : float
+        Fraction of all objects that are reference beads (kind ``bead``, label -1): the QC
+        sample. Taken from the leukocyte share.
+    bead : BeadModel
+        The reference beads.
     """
 
     seed: int = 0
@@ -149,6 +203,13 @@ class SimConfig:
     smoothing_px: float = 0.6
     camera: CameraModel = field(default_factory=CameraModel)
     background: BackgroundModel = field(default_factory=BackgroundModel)
+    magnification: float = 1.0
+    focus_offset_um: float = 0.0
+    focus_sd_um: float = 0.0
+    size_scale: dict[str, float] = field(default_factory=dict)
+    ri_scale: dict[str, float] = field(default_factory=dict)
+    bead_fraction: float = 0.0
+    bead: BeadModel = field(default_factory=BeadModel)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -182,18 +243,54 @@ class SimConfig:
             raise ValueError("only 8-bit cameras are simulated (uint8 frames)")
         if not 0 < self.camera.fringe_visibility <= 1:
             raise ValueError("fringe_visibility must be in (0, 1]")
+        if not 4 <= int(self.camera.adc_bits) <= self.optics.bit_depth:
+            raise ValueError(f"camera.adc_bits must be in 4..{self.optics.bit_depth}")
+        if self.camera.read_noise_counts < 0 or not self.camera.full_well_e > 0 or \
+                not self.camera.mean_counts > 0:
+            raise ValueError("camera: read_noise_counts >= 0, full_well_e > 0 and "
+                             "mean_counts > 0 required")
+        if not 0.5 <= self.magnification <= 2.0:
+            raise ValueError("magnification must be in 0.5..2 (relative to the nominal optics)")
+        if self.focus_sd_um < 0 or abs(self.focus_offset_um) > 50:
+            raise ValueError("focus_sd_um must be >= 0 and |focus_offset_um| <= 50 µm")
+        for name, scales in (("size_scale", self.size_scale), ("ri_scale", self.ri_scale)):
+            unknown = set(scales) - set(CLASS_NAMES)
+            if unknown:
+                raise ValueError(f"unknown classes in {name}: {sorted(unknown)}")
+            if any(not 0.5 <= float(v) <= 2.0 for v in scales.values()):
+                raise ValueError(f"{name} factors must be in 0.5..2")
+        if not 0 <= self.bead_fraction <= 1 or self.bead_fraction + ood > 1.0 + 1e-12:
+            raise ValueError("bead_fraction must be in [0, 1] and bead_fraction + OOD "
+                             "fractions <= 1")
+        b = self.bead
+        if not (1.0 <= b.diameter_um <= 40.0 and 0 <= b.diameter_cv < 0.2
+                and self.optics.medium_index < b.index < 1.7 and b.index_sd >= 0):
+            raise ValueError("bead: diameter 1..40 µm, cv in [0, 0.2), medium index < index "
+                             "< 1.7, index_sd >= 0")
 
     @property
     def leukocyte_fraction(self) -> float:
         """Fraction of objects that are leukocytes."""
-        return 1.0 - sum(self.ood_fractions.values())
+        return max(0.0, 1.0 - sum(self.ood_fractions.values()) - self.bead_fraction)
+
+    @property
+    def object_optics(self) -> Optics:
+        """Optics as the objects see them: ``optics`` with the camera pixel divided by the
+        true :attr:`magnification` (identical to ``optics`` at magnification 1)."""
+        if self.magnification == 1.0:
+            return self.optics
+        return dataclasses.replace(
+            self.optics, camera_pixel_um=self.optics.camera_pixel_um / self.magnification)
 
     def kind_probabilities(self) -> dict[str, float]:
-        """Probability of each object kind (classes then OOD kinds), summing to 1."""
+        """Probability of each object kind (classes, OOD kinds, then ``bead`` when
+        :attr:`bead_fraction` > 0), summing to 1."""
         tot = sum(self.class_fractions.values())
         probs = {c: self.leukocyte_fraction * self.class_fractions.get(c, 0.0) / tot
                  for c in CLASS_NAMES}
         probs.update({k: float(self.ood_fractions.get(k, 0.0)) for k in OOD_KINDS})
+        if self.bead_fraction > 0:
+            probs["bead"] = float(self.bead_fraction)
         return probs
 
     def replace(self, **changes: Any) -> SimConfig:
@@ -223,6 +320,8 @@ class SimConfig:
             if "ring_period_um" in b:
                 b["ring_period_um"] = tuple(b["ring_period_um"])
             d["background"] = BackgroundModel(**b)
+        if "bead" in d and isinstance(d["bead"], dict):
+            d["bead"] = BeadModel(**d["bead"])
         if "defocus_um" in d:
             d["defocus_um"] = tuple(d["defocus_um"])
         return cls(**d)

@@ -36,6 +36,12 @@ class RenderContext:
         Leukocyte class mix used by composite objects (doublets, defocused cells).
     defocus_um : tuple[float, float]
         Range of |defocus| [µm] for defocused cells.
+    size_scale : dict[str, float]
+        Factor on the drawn diameter per leukocyte class (missing = 1).
+    ri_scale : dict[str, float]
+        Factor on the refractive-index contrast per leukocyte class (missing = 1).
+    bead : object or None
+        :class:`leukoflow.acquisition.sim.params.BeadModel` of the reference beads.
     """
 
     pixel_um: float = 0.34
@@ -45,6 +51,9 @@ class RenderContext:
     class_probs: dict[str, float] = field(
         default_factory=lambda: {c: 1.0 / len(CLASS_NAMES) for c in CLASS_NAMES})
     defocus_um: tuple[float, float] = (4.0, 15.0)
+    size_scale: dict[str, float] = field(default_factory=dict)
+    ri_scale: dict[str, float] = field(default_factory=dict)
+    bead: object | None = None
 
     @property
     def k0(self) -> float:

@@ -19,8 +19,9 @@ from leukoflow.acquisition.sim.params import SimConfig
 from leukoflow.core.rtdc import RtdcWriter, base_meta, write_crop_dataset
 from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
-#: Kind codes of the ground-truth table (``kind_code`` indexes this list).
-KIND_NAMES: tuple[str, ...] = tuple(CLASS_NAMES) + tuple(OOD_KINDS)
+#: Kind codes of the ground-truth table (``kind_code`` indexes this list); ``bead`` is the
+#: QC reference particle (:mod:`leukoflow.acquisition.sim.beads`).
+KIND_NAMES: tuple[str, ...] = tuple(CLASS_NAMES) + tuple(OOD_KINDS) + ("bead",)
 
 TRUTH_DTYPE = np.dtype([
     ("frame", "<i8"), ("cell_id", "<i8"), ("kind", "S16"), ("kind_code", "<i4"),

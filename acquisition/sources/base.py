@@ -121,7 +121,7 @@ class Source:
 
 
 def parse_source_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Parse ``sim[:SEED[:CONCENTRATION]]``, ``file:PATH``, ``camera:opencv:0`` or
+    """Parse ``sim[:SEED[:CONCENTRATION[:PROFILE]]]``, ``file:PATH``, ``camera:opencv:0`` or
     ``camera:genicam[:CTI]``.
 
     Returns
@@ -134,15 +134,19 @@ def parse_source_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not spec:
         raise SourceError("empty source spec; use sim, file:PATH or camera:opencv:INDEX")
     kind, _, rest = spec.partition(":")
-    if kind == "sim":  # sim[:SEED[:CONCENTRATION]]
-        seed, _, conc = rest.partition(":")
+    if kind == "sim":  # sim[:SEED[:CONCENTRATION[:PROFILE[,PROFILE...]]]]
+        seed, _, rest2 = rest.partition(":")
+        conc, _, profile = rest2.partition(":")
         try:
             kw: dict[str, Any] = {"seed": int(seed)} if seed else {}
             if conc:
                 kw["concentration"] = float(conc)
         except ValueError:
-            raise SourceError(f"bad simulator spec {spec!r}; use sim[:SEED[:CONCENTRATION]] "
-                              "(objects per field of view)") from None
+            raise SourceError(f"bad simulator spec {spec!r}; use sim[:SEED[:CONCENTRATION"
+                              "[:PROFILE]]] (objects per field of view; profiles: "
+                              "leukoflow simulate profiles)") from None
+        if profile:
+            kw["profile"] = profile
         return "sim", kw
     if kind == "file":
         if not rest:

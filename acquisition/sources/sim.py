@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 
 from leukoflow.acquisition.sim import FlowSimulator, SimConfig
-from leukoflow.acquisition.sources.base import SOURCES, EndOfStream, RawFrame, Source
+from leukoflow.acquisition.sim.profiles import ProfileError, apply_profiles, parse_profiles
+from leukoflow.acquisition.sources.base import (
+    SOURCES,
+    EndOfStream,
+    RawFrame,
+    Source,
+    SourceError,
+)
 
 
 @SOURCES.register("sim")
@@ -28,16 +35,27 @@ class SimSource(Source):
     concentration : float, optional
         Objects per field of view (sample dilution), applied on top of ``config``; the
         default keeps coincidences rare (see :class:`leukoflow.acquisition.sim.SimConfig`).
+    profile : str, optional
+        Instrument/sample profiles applied on top of ``config`` (names or TOML paths,
+        comma separated; :mod:`leukoflow.acquisition.sim.profiles`), before
+        ``concentration``.
     """
 
     has_truth = True
 
     def __init__(self, seed: int = 0, n_frames: int | None = None, rate_hz: float = 0.0,
-                 config: Any = None, concentration: float | None = None) -> None:
+                 config: Any = None, concentration: float | None = None,
+                 profile: str | None = None) -> None:
 
         cfg = config if config is not None else SimConfig(seed=seed)
         if config is not None and getattr(cfg, "seed", seed) != seed:
             cfg = cfg.replace(seed=seed)
+        if profile:
+            try:
+                cfg = apply_profiles(cfg, profile)
+            except ProfileError as exc:
+                raise SourceError(str(exc)) from None
+        self.profile = profile or ""
         if concentration is not None:
             cfg = cfg.replace(concentration=float(concentration))
         self.sim = FlowSimulator(cfg)
@@ -78,7 +96,8 @@ class SimSource(Source):
 
     @property
     def info(self) -> dict[str, Any]:
-        d = {"source": "sim", "n_frames": self.n_frames, "rate_hz": self.rate_hz}
+        d = {"source": "sim", "n_frames": self.n_frames, "rate_hz": self.rate_hz,
+             "profiles": parse_profiles(self.profile) or ["default"]}
         try:
             d["sim"] = self.config.to_dict()
         except AttributeError:  # pragma: no cover

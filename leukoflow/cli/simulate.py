@@ -1,4 +1,8 @@
-"""CLI: ``leukoflow simulate run|crops`` (simulated instrument output as ``.rtdc``).
+"""CLI: ``leukoflow simulate run|crops|profiles`` (simulated instrument output as ``.rtdc``).
+
+``--profile NAME[,NAME]`` applies instrument/sample profiles
+(:mod:`leukoflow.acquisition.sim.profiles`; ``leukoflow simulate profiles`` lists them);
+this command's own settings below are applied on top of the profiles.
 
 Heavy imports (numpy, scipy, h5py, the simulator) happen inside the command bodies.
 Configuration precedence: SimConfig defaults < ``[simulate]`` TOML table <
@@ -48,23 +52,24 @@ def _settings(**flags: object) -> SimulateSettings:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def _sim_config(s: SimulateSettings, ood: dict[str, float] | None = None):
+def _sim_config(s: SimulateSettings, ood: dict[str, float] | None = None,
+                profile: str | None = None):
+    """SimConfig: profiles (instrument/sample) first, this command's settings on top."""
     from dataclasses import replace
 
     from leukoflow.acquisition.sim import SimConfig
-    from leukoflow.core.physics import DEFAULT_OPTICS
+    from leukoflow.acquisition.sim.profiles import ProfileError, apply_profiles
 
-    optics = replace(DEFAULT_OPTICS, frame_rate_hz=s.frame_rate_hz,
-                     flow_speed_um_s=s.flow_speed_um_s, roi_shape=(s.roi_rows, s.roi_cols))
-    kw = {"seed": s.seed, "optics": optics, "concentration": s.concentration,
-          "speed_spread": s.speed_spread, "lateral_sd_um": s.lateral_sd_um}
-    if ood is not None:
-        from leukoflow.acquisition.sim.params import DEFAULT_OOD_FRACTIONS
-
-        kw["ood_fractions"] = {**DEFAULT_OOD_FRACTIONS, **ood}
     try:
-        return SimConfig(**kw)
-    except ValueError as exc:
+        base = apply_profiles(SimConfig(seed=s.seed), profile)
+        optics = replace(base.optics, frame_rate_hz=s.frame_rate_hz,
+                         flow_speed_um_s=s.flow_speed_um_s, roi_shape=(s.roi_rows, s.roi_cols))
+        kw = {"seed": s.seed, "optics": optics, "concentration": s.concentration,
+              "speed_spread": s.speed_spread, "lateral_sd_um": s.lateral_sd_um}
+        if ood is not None:
+            kw["ood_fractions"] = {**base.ood_fractions, **ood}
+        return base.replace(**kw)
+    except (ValueError, ProfileError) as exc:
         raise typer.BadParameter(str(exc)) from exc
 
 
@@ -112,6 +117,9 @@ def run_cmd(
         "--roi-cols", help="Camera ROI columns (along the flow) (px), multiple of 4.")] = None,
     ood: Annotated[list[str] | None, typer.Option(
         "--ood", help="OOD fraction of all objects, KIND=FRACTION (repeatable).")] = None,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Instrument/sample profiles, comma separated (names or .toml "
+        "paths; see 'leukoflow simulate profiles').")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write a raw simulated run: holograms, background hologram and ground truth."""
@@ -120,7 +128,7 @@ def run_cmd(
     s = _settings(seed=seed, concentration=concentration, speed_spread=speed_spread,
                   frame_rate_hz=frame_rate, flow_speed_um_s=flow_speed, roi_rows=roi_rows,
                   roi_cols=roi_cols)
-    cfg = _sim_config(s, _parse_ood(ood))
+    cfg = _sim_config(s, _parse_ood(ood), profile)
     _echo(write_run(out, cfg, frames), as_json)
 
 
@@ -137,6 +145,9 @@ def crops_cmd(
     no_hologram: Annotated[bool, typer.Option(
         "--no-hologram", help="Noise-free ground-truth phase instead of demodulated "
         "holograms.")] = False,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Instrument/sample profiles, comma separated (sizes, indices, "
+        "magnification and camera apply to the crops).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Write a labeled crop dataset (qpi_pha + userdef0 labels + features)."""
@@ -144,7 +155,7 @@ def crops_cmd(
     from leukoflow.acquisition.sim.writers import write_crops
 
     s = _settings(seed=seed)
-    cfg = _sim_config(s)
+    cfg = _sim_config(s, profile=profile)
     if per_class + ood_per_kind == 0:
         raise typer.BadParameter("nothing to write: --per-class and --ood-per-kind are 0")
     if crop % 2:
@@ -152,6 +163,38 @@ def crops_cmd(
     data = make_crop_dataset(per_class, ood_per_kind, seed=s.seed, crop=crop,
                              through_hologram=not no_hologram, cfg=cfg)
     _echo(write_crops(out, data, cfg), as_json)
+
+
+@simulate_app.command("profiles")
+def profiles_cmd(
+    show: Annotated[str | None, typer.Argument(
+        help="Print the resolved configuration of these profiles (comma separated).")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the shipped instrument/sample profiles, or show one resolved."""
+    from leukoflow.acquisition.sim import SimConfig
+    from leukoflow.acquisition.sim.profiles import (
+        ProfileError,
+        apply_profiles,
+        list_profiles,
+        profile_record,
+    )
+
+    if show is None:
+        profs = list_profiles()
+        if as_json:
+            typer.echo(json.dumps(profs, sort_keys=True))
+        else:
+            for name, desc in profs.items():
+                typer.echo(f"{name:14s} {desc}")
+        return
+    try:
+        cfg = apply_profiles(SimConfig(), show)
+        rec = profile_record(show, cfg)
+    except ProfileError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(json.dumps(rec, sort_keys=True, indent=None if as_json else 1))
 
 
 def register(app: typer.Typer) -> None:
