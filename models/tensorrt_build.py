@@ -57,13 +57,35 @@ class GpuInfo:
 
     @classmethod
     def current(cls, device: int = 0) -> GpuInfo:
-        """Query the CUDA device through torch."""
-        import torch
-
+        """Query the CUDA device through torch, or through pycuda where torch is absent
+        (the lean GPU image)."""
+        try:
+            import torch
+        except ImportError:
+            return cls.from_pycuda(device)
         if not torch.cuda.is_available():
             raise TensorRTError("no CUDA device: TensorRT engines need an NVIDIA GPU")
         p = torch.cuda.get_device_properties(device)
         return cls(p.name, int(p.major), int(p.minor), int(p.multi_processor_count))
+
+    @classmethod
+    def from_pycuda(cls, device: int = 0, cuda: Any = None) -> GpuInfo:
+        """Query the CUDA device through pycuda (``cuda`` = ``pycuda.driver``, injectable)."""
+        if cuda is None:
+            try:
+                import pycuda.driver as cuda
+            except ImportError as exc:
+                raise TensorRTError("neither torch nor pycuda is installed: cannot query "
+                                    "the GPU") from exc
+        try:
+            cuda.init()
+            dev = cuda.Device(device)
+            a = cuda.device_attribute
+            return cls(str(dev.name()), int(dev.get_attribute(a.COMPUTE_CAPABILITY_MAJOR)),
+                       int(dev.get_attribute(a.COMPUTE_CAPABILITY_MINOR)),
+                       int(dev.get_attribute(a.MULTIPROCESSOR_COUNT)))
+        except Exception as exc:  # pycuda.driver.Error and friends: no usable device
+            raise TensorRTError(f"no CUDA device through pycuda: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -78,9 +100,12 @@ class Profile:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ValueError(f"need 1 <= min <= opt <= max batch, got {self}")
 
-    def shapes(self, input_size: int) -> tuple[tuple[int, ...], ...]:
-        """(min, opt, max) input shapes."""
-        return tuple((b, 1, input_size, input_size)
+    def shapes(self, input_size: int, channel_dim: bool = True) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) input shapes: ``(N, 1, S, S)``, or ``(N, S, S)`` without the
+        channel axis (the raw-crops graph of the ONNX Runtime / Triton / lean TensorRT
+        path, normalisation inside)."""
+        ch = (1,) if channel_dim else ()
+        return tuple((b, *ch, input_size, input_size)
                      for b in (self.min_batch, self.opt_batch, self.max_batch))
 
 
@@ -126,21 +151,25 @@ def fp16_strategy(trt: ModuleType, precision: str, fp16_onnx_possible: bool = Tr
 
 
 def cache_key(model_sha256: str, gpu: GpuInfo, version: str, precision: str,
-              profile: Profile, input_size: int) -> str:
+              profile: Profile, input_size: int, channel_dim: bool = True) -> str:
     """File name of the cached engine.
 
     ``<sha256[:16]>.<gpu name>.<cc major>.<cc minor>.<SM count>.trt.<version>.<precision>.
-    b<min>-<opt>-<max>.s<input_size>.<digest>.engine``; the trailing digest covers all fields
-    (names are sanitised to ``[A-Za-z0-9_-]``).
+    b<min>-<opt>-<max>.s<input_size>[.nhw].<digest>.engine``; the trailing digest covers all
+    fields (names are sanitised to ``[A-Za-z0-9_-]``); ``.nhw`` marks the raw-crops graph
+    without a channel axis.
     """
     gname = re.sub(r"[^A-Za-z0-9_-]+", "_", gpu.name).strip("_") or "gpu"
     ver = re.sub(r"[^0-9.]+", "", version) or "unknown"
     fields = {"model": model_sha256, "gpu": asdict(gpu), "trt": version,
               "precision": precision, "profile": asdict(profile), "input_size": input_size}
+    if not channel_dim:
+        fields["layout"] = "nhw"
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    layout = "" if channel_dim else ".nhw"
     return (f"{model_sha256[:16]}.{gname}.{gpu.cc_major}.{gpu.cc_minor}.{gpu.sm_count}.trt."
             f"{ver}.{precision}.b{profile.min_batch}-{profile.opt_batch}-{profile.max_batch}."
-            f"s{input_size}.{digest}.engine")
+            f"s{input_size}{layout}.{digest}.engine")
 
 
 @dataclass
@@ -184,7 +213,8 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
                  precision: str = "fp16", profile: Profile | tuple[int, int, int] = Profile(),
                  cache_dir: str | Path = "engines", gpu: GpuInfo | None = None,
                  trt: ModuleType | None = None, workspace: int = DEFAULT_WORKSPACE,
-                 rebuild: bool = False, input_name: str = INPUT_NAME) -> BuildResult:
+                 rebuild: bool = False, input_name: str = INPUT_NAME,
+                 channel_dim: bool = True) -> BuildResult:
     """Build (or reuse from the cache) a serialized TensorRT engine for an ONNX model.
 
     Parameters
@@ -210,6 +240,12 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
         Builder workspace limit (bytes).
     rebuild : bool
         Ignore a cached engine.
+    input_name : str
+        Name of the graph input.
+    channel_dim : bool
+        Input ``(N, 1, S, S)`` (normalised, :mod:`leukoflow.models.export`) or, when False,
+        ``(N, S, S)`` raw crops with the normalisation inside the graph
+        (:func:`leukoflow.inference.backends.onnx_cpu.export_onnx`).
 
     Raises
     ------
@@ -227,7 +263,8 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
     version = trt_version(trt)
     strategy = fp16_strategy(trt, precision, fp16_onnx_possible=True)
     used_precision = "fp32" if strategy == "fp32" else "fp16"
-    key = cache_key(model_sha256, gpu, version, used_precision, prof, input_size)
+    key = cache_key(model_sha256, gpu, version, used_precision, prof, input_size,
+                    channel_dim)
     engine_path = cache / key
     timing_path = cache / f"timing.{re.sub(r'[^A-Za-z0-9_-]+', '_', gpu.name)}.trt{version}.cache"
     if engine_path.is_file() and not rebuild:
@@ -242,7 +279,8 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
         except ExportError as exc:
             log.warning("FP16 ONNX conversion failed (%s); building FP32", exc)
             strategy, used_precision, src = "fp32", "fp32", onnx_path
-            key = cache_key(model_sha256, gpu, version, used_precision, prof, input_size)
+            key = cache_key(model_sha256, gpu, version, used_precision, prof, input_size,
+                    channel_dim)
             engine_path = cache / key
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -253,7 +291,7 @@ def build_engine(onnx_path: str | Path, model_sha256: str, input_size: int,
     if strategy == "builder_flag":
         config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
-    mn, op, mx = prof.shapes(input_size)
+    mn, op, mx = prof.shapes(input_size, channel_dim)
     opt_profile.set_shape(input_name, mn, op, mx)
     config.add_optimization_profile(opt_profile)
     blob = timing_path.read_bytes() if timing_path.is_file() else b""

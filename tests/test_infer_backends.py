@@ -34,8 +34,9 @@ def artifact(tmp_path_factory):
 
 def test_registry_and_auto(tmp_path, artifact):
     avail = available_backends()
-    assert set(avail) == {"torch-cpu", "onnxruntime", "torch-cuda", "tensorrt"}
-    assert set(AUTO_ORDER) == set(BACKENDS.names())
+    assert set(avail) == {"torch-cpu", "onnxruntime", "torch-cuda", "tensorrt", "triton"}
+    # every local backend is a candidate of "auto"; triton needs a server: named explicitly
+    assert set(AUTO_ORDER) == set(BACKENDS.names()) - {"triton"}
     assert avail["torch-cpu"] == "" and avail["onnxruntime"] == ""
     be = create_backend("auto", artifact, max_batch=16, cache_dir=tmp_path)
     first_ok = next(n for n in AUTO_ORDER if avail[n] == "")

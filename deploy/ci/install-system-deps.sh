@@ -2,10 +2,12 @@
 # System packages the test suite needs on Debian/Ubuntu (CI and developer machines):
 #   prometheus       -> prometheus + promtool (deploy tests, real-Prometheus integration test)
 #   chromium, chromium-driver -> headless browser test of the HTML run report
+#   libpython3.11    -> shared libpython for the python-backend stub of the Triton server the
+#                       Triton tests start (inference/triton_server.py)
 # Idempotent (installs only what is missing) and quiet. Run as root or with passwordless sudo.
 set -euo pipefail
 
-packages=(prometheus chromium chromium-driver)
+packages=(prometheus chromium chromium-driver libpython3.11)
 missing=()
 for pkg in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

@@ -1,6 +1,7 @@
 """Inference backends behind one registry, :data:`BACKENDS`.
 
-``torch-cpu``, ``onnxruntime``, ``torch-cuda`` and ``tensorrt`` register themselves here;
+``torch-cpu``, ``onnxruntime``, ``torch-cuda``, ``tensorrt`` and ``triton`` (forward passes on a
+Triton Inference Server) register themselves here;
 :func:`create_backend` builds one by name, with ``"auto"`` picking the fastest available in
 the order of :data:`AUTO_ORDER` (measured: ONNX Runtime beats PyTorch on the CPU for
 LeNet5 about 3x; on a GPU TensorRT >= PyTorch CUDA graphs).
@@ -11,11 +12,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from leukoflow.inference.backends import onnx_cpu, tensorrt, torch_cpu, torch_cuda  # noqa: F401
+from leukoflow.inference.backends import (  # noqa: F401
+    onnx_cpu,
+    tensorrt,
+    torch_cpu,
+    torch_cuda,
+    triton,
+)
 from leukoflow.inference.backends.base import BACKENDS, BackendUnavailable
 
 AUTO_ORDER: tuple[str, ...] = ("tensorrt", "torch-cuda", "onnxruntime", "torch-cpu")
-"""Preference of ``--backend auto``, fastest first."""
+"""Preference of ``--backend auto``, fastest first (``triton`` needs a server: never automatic)."""
 
 log = logging.getLogger(__name__)
 
