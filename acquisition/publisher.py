@@ -22,6 +22,7 @@ import numpy as np
 from leukoflow.acquisition.features import FEATURE_NAMES
 from leukoflow.acquisition.pipeline import EmittedCell
 from leukoflow.core import transport, wire
+from leukoflow.core.service import control_message, hello_message
 
 DEFAULT_CROPS_ENDPOINT = transport.DEFAULT_ENDPOINTS["crops"]
 DEFAULT_COLLECTOR_ENDPOINT = transport.DEFAULT_ENDPOINTS["collector"]
@@ -170,7 +171,8 @@ class AccountingPublisher:
         """
         import zmq
 
-        msg = self.sender.message("control", None, cmd=cmd, stats=_plain(stats))
+        msg = (hello_message(self.sender, stats) if cmd == "hello"
+               else control_message(self.sender, cmd, stats))
         if timeout_ms <= 0:
             ok = transport.send(self.sock, msg, block=False)
         else:
@@ -186,16 +188,3 @@ class AccountingPublisher:
     def close(self, linger_ms: int = 1000) -> None:
         """Close, giving queued messages (the EOS) up to ``linger_ms`` to leave."""
         self.sock.close(linger=linger_ms)
-
-
-def _plain(v: Any) -> Any:
-    """Convert counters/numpy scalars to plain msgpack-able values."""
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

@@ -17,7 +17,6 @@ final accounting goes to the collector.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -36,7 +35,8 @@ from leukoflow.acquisition.sources import (
 )
 from leukoflow.acquisition.sources.file import median_background
 from leukoflow.core import transport
-from leukoflow.core.metrics import HealthServer, ServiceMetrics
+from leukoflow.core.metrics import ServiceMetrics
+from leukoflow.core.service import ServiceScaffold
 
 log = logging.getLogger("leukoflow.acquire")
 
@@ -132,7 +132,6 @@ class AcquireService:
         self.pipeline: AcquisitionPipeline | None = None
         self.final: dict[str, Any] = {}
         self._last_index = 0
-        self._old_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "requested") -> None:
@@ -140,21 +139,6 @@ class AcquireService:
         if not self.stop_reason:
             self.stop_reason = reason
         self._stop.set()
-
-    def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, _frame: Any) -> None:
-            self.stop(signal.Signals(signum).name)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old_handlers[sig] = signal.signal(sig, handler)
-
-    def _restore_signals(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
 
     @property
     def params(self) -> dict[str, Any]:
@@ -209,10 +193,11 @@ class AcquireService:
 
 
         cfg = self.config
-        self._install_signals()
-        self.metrics = m = ServiceMetrics("acquire", run_id=self.run_id)
-        self.health = HealthServer(m, host=cfg.metrics_host, port=cfg.metrics_port,
-                                   status=self.accounting)
+        self.metrics = ServiceMetrics("acquire", run_id=self.run_id)
+        # signals (SIGTERM/SIGINT -> stop) and the health server, both undone in _shutdown
+        self.health = ServiceScaffold(self.metrics, host=cfg.metrics_host,
+                                      port=cfg.metrics_port, status=self.accounting,
+                                      on_stop=self.stop).open()
         ctx = zmq.Context()
         self.publisher = None
         self.control = None
@@ -243,7 +228,6 @@ class AcquireService:
         finally:
             self._shutdown()
             ctx.term()
-            self._restore_signals()
         return self.final
 
     def _collect_background(self, src: Source) -> None:

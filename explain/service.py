@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core import transport, wire
-from leukoflow.core.metrics import HealthServer, ServiceMetrics
+from leukoflow.core.metrics import ServiceMetrics
+from leukoflow.core.service import ServiceScaffold, StopSignals
 
 log = logging.getLogger("leukoflow.explain")
 
@@ -234,8 +235,8 @@ class ExplainService:
 
 
         cfg = self.config
-        self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port,
-                                   status=self.status)
+        self.health = ServiceScaffold(self.metrics, host=cfg.metrics_host,
+                                      port=cfg.metrics_port, status=self.status).open()
         self._ctx = zmq.Context()
         self._sock = transport.make_socket(self._ctx, "PULL", cfg.endpoint, bind=True,
                                            hwm=cfg.hwm, allow_remote=cfg.allow_remote)
@@ -296,7 +297,6 @@ class ExplainService:
             self._ctx.term()
             self._ctx = None
         if self.health is not None:
-            self.health.set_ready(False)
             self.health.close()
             self.health = None
         return dict(self.stats)
@@ -317,19 +317,12 @@ class ExplainService:
 
         Runs in the service's own process, whose CPU priority is lowered first
         (:meth:`lower_priority`)."""
-        import signal
-
         self.lower_priority()
-
-        def _sig(_signum: int, _frame: Any) -> None:
-            self.stop_event.set()
-
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, _sig)
-        self.start()
-        while not self.stop_event.wait(0.2):
-            pass
-        return self.stop()
+        with StopSignals(lambda _sig: self.stop_event.set()):
+            self.start()
+            while not self.stop_event.wait(0.2):
+                pass
+            return self.stop()
 
     def status(self) -> dict[str, Any]:
         """Counters for ``/status``."""

@@ -41,7 +41,12 @@ import numpy as np
 
 from leukoflow.core import transport, wire
 from leukoflow.core.config import as_dict
-from leukoflow.core.metrics import HealthServer
+from leukoflow.core.service import (
+    ServiceScaffold,
+    control_message,
+    heartbeat_message,
+    hello_message,
+)
 from leukoflow.inference.accounting import Accounting
 from leukoflow.inference.backends import create_backend
 from leukoflow.inference.batcher import Batch, DynamicBatcher
@@ -233,9 +238,10 @@ class InferWorker:
         art = self._artifact
         self.class_names = tuple(art.class_names)
         self.metrics = InferMetrics(class_names=self.class_names)
-        if cfg.metrics_port >= 0:
-            self.health = HealthServer(self.metrics.m, host=cfg.metrics_host,
-                                       port=cfg.metrics_port, status=self.status)
+        # SIGTERM/SIGINT -> graceful stop (main thread only); health server unless port < 0
+        self.health = ServiceScaffold(self.metrics.m, host=cfg.metrics_host,
+                                      port=cfg.metrics_port, status=self.status,
+                                      on_stop=lambda _sig: self.stop()).open()
         if self._backend is None:
             self._backend = create_backend(
                 cfg.backend, art, max_batch=cfg.max_batch, threads=cfg.threads,
@@ -292,8 +298,7 @@ class InferWorker:
 
     def _hello(self) -> None:
         """Tell the collector who this worker is and with which parameters it runs."""
-        stats = _wire_safe({"event": "hello", **self.describe()})
-        frames = wire.encode(self.sender.message("control", cmd="hello", stats=stats))
+        frames = wire.encode(hello_message(self.sender, self.describe()))
         if not self._send_results_frames(frames):
             log.warning("collector not reachable: hello not sent")
 
@@ -620,9 +625,8 @@ class InferWorker:
                  "explain_routed": dict(self.router.routed),
                  "explain_dropped": self.router.dropped}
         if kind == "control":
-            return self.sender.message("control", run=self._last_run, cmd="accounting",
-                                       stats=stats)
-        return self.sender.message("heartbeat", run=self._last_run, stats=stats)
+            return control_message(self.sender, "accounting", stats, run=self._last_run)
+        return heartbeat_message(self.sender, stats, run=self._last_run)
 
     def _send_totals(self) -> None:
         if self.sender is not None and hasattr(self, "results"):
@@ -659,18 +663,6 @@ def _limit_blas_threads(n: int) -> None:
         return
     threadpool_limits(limits=max(1, int(n)))
 
-
-def _wire_safe(v: Any) -> Any:
-    """Parameters as wire ``stats`` values: non-finite floats -> None, tuples -> lists."""
-    if isinstance(v, dict):
-        return {str(k): _wire_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_wire_safe(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, np.generic):
-        return _wire_safe(v.item())
-    return v
 
 
 def _peek_cells(frames: list[Any]) -> tuple[str, list[int]]:

@@ -56,7 +56,6 @@ def register(app: typer.Typer) -> None:
         control ``stop`` message.
         """
         import json
-        import signal
 
         from leukoflow.core.config import ConfigError, as_dict, resolve
         from leukoflow.inference.worker import SECTION, InferConfig, InferWorker
@@ -76,13 +75,7 @@ def register(app: typer.Typer) -> None:
         if print_config:
             typer.echo(json.dumps(as_dict(cfg), indent=2))
             return
-        worker = InferWorker(cfg)
-
-        def _on_signal(signum: int, _frame: object) -> None:
-            worker.stop()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+        worker = InferWorker(cfg)  # run() routes SIGTERM/SIGINT to a graceful stop
         try:
             worker.run()
         except Exception as exc:  # clear message, non-zero exit

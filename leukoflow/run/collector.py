@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from collections import Counter, deque
@@ -56,8 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.core import transport, wire
-from leukoflow.core.metrics import HealthServer, ServiceMetrics
+from leukoflow.core import jsonutil, transport, wire
+from leukoflow.core.jsonutil import atomic_write_json
+from leukoflow.core.metrics import ServiceMetrics
+from leukoflow.core.service import ServiceScaffold, heartbeat_message
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.inference.differential import Differential
 from leukoflow.run.recorder import Recorder, repair_rtdc
@@ -196,24 +196,6 @@ def _merge_counts(dst: Counter, src: Any) -> None:
         for reason, n in src.items():
             if isinstance(n, int | float) and not isinstance(n, bool) and n > 0:
                 dst[str(reason)] += int(n)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temporary file + rename)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, p)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 # ----------------------------------------------------------------------------- run state
@@ -651,7 +633,7 @@ class Collector:
         })
 
     # -- metrics -------------------------------------------------------------------------
-    def _setup_metrics(self) -> None:
+    def _setup_metrics(self, on_stop: Any = None) -> None:
 
         self._m = ServiceMetrics("collector", self.cfg.run_id)
         for fam in ("leukoflow_run_cells_total", "leukoflow_differential_cells",
@@ -663,8 +645,10 @@ class Collector:
                     "leukoflow_dropped_total", "leukoflow_e2e_latency_seconds",
                     "leukoflow_queue_depth"):
             self._m[fam]  # create the family so it is exported from the start
-        self._health = HealthServer(self._m, self.cfg.metrics_host, self.cfg.metrics_port,
-                                    status=lambda: self.state.snapshot())
+        self._health = ServiceScaffold(self._m, host=self.cfg.metrics_host,
+                                       port=self.cfg.metrics_port,
+                                       status=lambda: self.state.snapshot(),
+                                       on_stop=on_stop).open()
 
     def _inc_to(self, metric: Any, key: str, value: float) -> None:
         """Advance a counter to the cumulative ``value`` (counters only go up)."""
@@ -729,12 +713,11 @@ class Collector:
         import zmq
 
 
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.request_stop())
         self._gaps = wire.GapTracker()
         self.state.snapshot()  # warm up (the interval code imports scipy.stats: seconds)
-        self._setup_metrics()
+        # health server, and SIGTERM/SIGINT -> drain and finish; both undone at the end
+        self._setup_metrics(on_stop=(lambda _sig: self.request_stop()) if install_signals
+                            else None)
         ctx = zmq.Context.instance()
         pull = transport.make_socket(ctx, "PULL", self.cfg.results, bind=True, hwm=self.cfg.hwm)
         pub = (transport.make_socket(ctx, "PUB", self.cfg.live, bind=True, hwm=100)
@@ -859,7 +842,7 @@ class Collector:
 
         try:
             live = {k: v for k, v in snap.items() if k not in ("senders", "params")}
-            frames = wire.encode(sender.message("heartbeat", stats=_plain(live)))
+            frames = wire.encode(heartbeat_message(sender, live))
             pub.send_multipart(frames, flags=zmq.NOBLOCK)
         except (zmq.Again, wire.WireError) as exc:
             log.debug("live state not published: %s", exc)
@@ -869,12 +852,11 @@ class Collector:
         if self.recorder is not None:
             acc = self.state.accounting(final=True)
             rec_stats = self.recorder.close(extra_meta={
-                "accounting": json.dumps(acc, default=_json_default),
+                "accounting": jsonutil.dumps(acc),
                 "segment_index": len(self.segments) - 1,
                 # every service's last report (acquisition's includes its pipeline params)
-                "service_reports": json.dumps({s: r["stats"] for s, r in
-                                               self.state.reports.items()},
-                                              default=_json_default),
+                "service_reports": jsonutil.dumps({s: r["stats"] for s, r in
+                                                   self.state.reports.items()}),
             })
         self.cell_log.close()
         self.state.recording = {**rec_stats, "segments": self.segments} if self.segments else {}
@@ -892,21 +874,6 @@ class Collector:
         """Break the loop immediately (tests); prefer :meth:`request_stop`."""
         self._stop.set()
 
-
-def _plain(obj: Any) -> Any:
-    """Make a snapshot msgpack/JSON-safe (no numpy scalars, no non-finite floats)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating | float):
-        v = float(obj)
-        return v if np.isfinite(v) else None
-    return obj
 
 
 def run_collector(cfg: CollectorConfig) -> dict[str, Any]:

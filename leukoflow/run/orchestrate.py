@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from leukoflow.core import transport, wire
+from leukoflow.core.service import StopSignals, control_message
 from leukoflow.reports.report import write_run_report
 from leukoflow.run.liveview import StateFeed
 
@@ -439,7 +440,7 @@ class _Notifier:
 
     def send(self, cmd: str, stats: dict[str, Any]) -> None:
 
-        transport.send(self._sock, self._sender.message("control", cmd=cmd, stats=stats))
+        transport.send(self._sock, control_message(self._sender, cmd, stats))
 
     def close(self) -> None:
         self._sock.close(0)
@@ -480,11 +481,11 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
                      [worker_metrics_port(opts, i) for i in range(opts.workers)])
     interrupted = {"n": 0}
 
-    def _on_signal(signum: int, _frame: Any) -> None:
+    def _on_signal(name: str) -> None:
         interrupted["n"] += 1
-        log.warning("signal %d: stopping the run gracefully", signum)
+        log.warning("%s: stopping the run gracefully", name)
 
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = StopSignals(_on_signal).install()
 
     def tick() -> None:
         st = feed.poll()
@@ -547,8 +548,7 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     finally:
         sup.stop_all(timeout_s=5.0)
-        for s, h in old.items():
-            signal.signal(s, h)
+        signals.restore()
         notifier.close()
         feed.close()
         if view is not None:
