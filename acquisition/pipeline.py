@@ -23,6 +23,7 @@ import numpy as np
 from leukoflow.acquisition.crops import CellCrop, CropConfig, CropExtractor, window
 from leukoflow.acquisition.features import Detection, measure_objects
 from leukoflow.acquisition.gates import GateConfig, QualityGates
+from leukoflow.acquisition.qc.scale import rescale_crop
 from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor
 from leukoflow.acquisition.segment import (
     SEGMENTERS,
@@ -99,6 +100,11 @@ class PipelineConfig:
         Margin [px] added to the object's equivalent radius for the ground-truth match.
     saturated_fraction : float
         Frames with more saturated pixels than this fraction are rejected.
+    pixel_um : float
+        Phase-grid pixel size measured by reference-bead QC [µm]
+        (:mod:`leukoflow.acquisition.qc`); 0 = nominal (optics). Features, gates and the
+        tracker use it, and crops are resampled to the nominal pixel the models expect
+        (:func:`leukoflow.acquisition.qc.scale.rescale_crop`).
     """
 
     recon_mode: str = "fast"
@@ -131,6 +137,7 @@ class PipelineConfig:
     with_amplitude: bool = False
     truth_match_px: float = 8.0
     saturated_fraction: float = 0.05
+    pixel_um: float = 0.0
 
     def to_dict(self) -> dict:
         """Plain dict (for metadata)."""
@@ -237,7 +244,10 @@ class AcquisitionPipeline:
                  optics: Optics = DEFAULT_OPTICS, reconstructor: Any = None) -> None:
         self.config = c = config or PipelineConfig()
         self.optics = optics
-        self.pixel_um = optics.camera_pixel_um * c.downsample
+        #: pixel the crops are delivered at (the models' training scale)
+        self.nominal_pixel_um = optics.camera_pixel_um * c.downsample
+        #: pixel of the phase grid: measured by QC when given, else nominal
+        self.pixel_um = c.pixel_um if c.pixel_um > 0 else self.nominal_pixel_um
         self.phase_shape = (optics.roi_shape[0] // c.downsample,
                             optics.roi_shape[1] // c.downsample)
         dx = c.expected_dx_px or (optics.flow_speed_um_s / optics.frame_rate_hz / self.pixel_um)
@@ -299,6 +309,7 @@ class AcquisitionPipeline:
             "tracker": self.tracker.config.to_dict(),
             "crops": self.crops.config.to_dict(),
             "pixel_um": self.pixel_um,
+            "nominal_pixel_um": self.nominal_pixel_um,
             "optics": self.optics.to_dict(),
         }
         if self.reconstructor is not None:
@@ -453,6 +464,12 @@ class AcquisitionPipeline:
                 continue
             payload: _Payload = ft.best.payload
             crop = self.crops.finalize(payload.capture)
+            if self.pixel_um != self.nominal_pixel_um:  # QC scale: crops at the model's pixel
+                crop.phase = rescale_crop(crop.phase, self.pixel_um, self.nominal_pixel_um)
+                crop.mask = rescale_crop(crop.mask, self.pixel_um, self.nominal_pixel_um, 0)
+                if crop.amplitude is not None:
+                    crop.amplitude = rescale_crop(crop.amplitude, self.pixel_um,
+                                                  self.nominal_pixel_um, fill=1.0)
             if crop.unwrap_method == "failed":
                 self.stats["cells_rejected"]["unwrap"] += 1
                 res.rejected.append(RejectedCell("unwrap", ft))

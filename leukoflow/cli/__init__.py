@@ -61,9 +61,19 @@ def not_built(name: str) -> None:
 
 
 def _register_all() -> None:
-    from leukoflow.cli import acquire, bench, explain, infer, models, reconstruct, run, simulate
+    from leukoflow.cli import (
+        acquire,
+        bench,
+        explain,
+        infer,
+        models,
+        qc,
+        reconstruct,
+        run,
+        simulate,
+    )
 
-    for mod in (simulate, reconstruct, acquire, infer, explain, run, models, bench):
+    for mod in (simulate, reconstruct, acquire, infer, explain, run, models, bench, qc):
         mod.register(app)
 
 
