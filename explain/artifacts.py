@@ -11,36 +11,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from leukoflow.core.jsonutil import atomic_write_bytes, atomic_write_json
 from leukoflow.explain.methods.base import Explanation
 
 SCHEMA = "leukoflow-explanation/1"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v
 
 
 def overlay_rgb(phase: np.ndarray, relevance: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -131,7 +111,7 @@ def write_cell_artifact(out_dir: str | Path, cell_id: int, phase: np.ndarray,
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     paths = {"npz": out / f"{stem}.npz", "json": out / f"{stem}.json"}
-    _atomic_write(paths["npz"], buf.getvalue())
+    atomic_write_bytes(paths["npz"], buf.getvalue())
     doc = {"schema": SCHEMA, "cell_id": int(cell_id), **dict(record), "methods": methods,
            "maps_file": paths["npz"].name, "map_shape": list(np.shape(phase))}
     if png:
@@ -140,10 +120,10 @@ def write_cell_artifact(out_dir: str | Path, cell_id: int, phase: np.ndarray,
         title = (f"cell {cell_id}: {record.get('decision', '')} {cls} "
                  f"p={record.get('conf', float('nan')):.2f} "
                  f"ood={record.get('ood_score', float('nan')):.2f}")
-        _atomic_write(paths["png"], render_png(phase, {e.method: e.map for e in explanations},
+        atomic_write_bytes(paths["png"], render_png(phase, {e.method: e.map for e in explanations},
                                                title))
         doc["png_file"] = paths["png"].name
-    _atomic_write(paths["json"], json.dumps(_jsonable(doc), indent=1).encode())
+    atomic_write_json(paths["json"], doc)
     return paths
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow import __version__
+from leukoflow.core.jsonutil import json_safe
 from leukoflow.models.ood import DETECTORS
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
@@ -60,30 +61,6 @@ class ArtifactError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy/torch scalars and arrays, tuples and paths to plain JSON values.
-
-    Non-finite floats become ``None`` (JSON has no NaN).
-    """
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, bool | int | str) or obj is None:
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # torch scalar tensor
-        return to_jsonable(obj.item())
-    raise TypeError(f"cannot store {type(obj).__name__} in a card: {obj!r}")
 
 
 def tensors_sha256(tensors: Mapping[str, Any]) -> str:
@@ -408,13 +385,13 @@ def save_artifact(path: str | Path, model, card: Mapping[str, Any],
     full.setdefault("name", folder.name)
     full.setdefault("created", _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     full.setdefault("versions", software_versions())
-    _validate_card(to_jsonable(full), folder)
+    _validate_card(json_safe(full, strict=True), folder)
     tmp_w = folder / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp_w), metadata={"format": "pt", "leukoflow_card_format": "1"})
     full["weights_file_sha256"] = file_sha256(tmp_w)
     full["model_sha256"] = tensors_sha256(model_state)
     tmp_c = folder / (CARD_FILE + ".tmp")
-    tmp_c.write_text(json.dumps(to_jsonable(full), indent=2, allow_nan=False) + "\n")
+    tmp_c.write_text(json.dumps(json_safe(full, strict=True), indent=2, allow_nan=False) + "\n")
     tmp_w.chmod(0o644)
     tmp_w.replace(folder / WEIGHTS_FILE)
     tmp_c.replace(folder / CARD_FILE)
@@ -497,7 +474,7 @@ def update_card(path_or_name: str | Path, updates: Mapping[str, Any]) -> dict[st
     """
     folder = resolve_artifact_path(path_or_name)
     card = read_card(folder)
-    card.update(to_jsonable(dict(updates)))
+    card.update(json_safe(dict(updates), strict=True))
     card["format_version"] = FORMAT_VERSION
     _validate_card(card, folder)
     tmp = folder / (CARD_FILE + ".tmp")

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.models.artifact import load_artifact, save_artifact, to_jsonable, update_card
+from leukoflow.core.jsonutil import json_safe
+from leukoflow.models.artifact import load_artifact, save_artifact, update_card
 from leukoflow.models.calibration import (
     calibration_report,
     fit_temperature,
@@ -215,7 +216,7 @@ def build_artifact(data: str | Path | Splits, out: str | Path, arch: str = "lene
     reliability_diagram(softmax_t(z_te, temperature), splits.test.y, out / "reliability.png",
                         title=f"{name}: test set, T = {temperature:.3f}",
                         probs_before=softmax_t(z_te, 1.0))
-    card = to_jsonable(card)
+    card = json_safe(card, strict=True)
     if ship_weights:
         save_artifact(out, model, card, pdict["arrays"])
     else:

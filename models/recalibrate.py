@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from leukoflow.models.artifact import save_artifact, to_jsonable
+from leukoflow.core.jsonutil import json_safe
+from leukoflow.models.artifact import save_artifact
 from leukoflow.models.calibration import (
     calibration_report,
     fit_temperature,
@@ -83,12 +84,12 @@ def recalibrate(artifact, data: str, out: str | Path | None = None, data_seed: i
          "temperature": t, "validation_before_T": before, "validation_after_T": after})
     dest = Path(out) if out is not None else artifact.path
     card["name"] = dest.name
-    save_artifact(dest, model, to_jsonable(card), d["arrays"])
+    save_artifact(dest, model, json_safe(card, strict=True), d["arrays"])
     png_path = reliability_diagram(softmax_t(z_va, t), splits.val.y,
                                    png or dest / "reliability_val.png",
                                    title=f"{dest.name}: validation, T = {t:.3f}",
                                    probs_before=softmax_t(z_va, 1.0))
-    return to_jsonable({"temperature_old": t_old, "temperature": t, "n_val": len(splits.val),
+    return json_safe({"temperature_old": t_old, "temperature": t, "n_val": len(splits.val),
                         "before": before, "after": after,
                         "ood": {"detector": name, "threshold": det.threshold,
                                 "id_val_pass_rate": float((s_va <= det.threshold).mean())},

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from leukoflow.core.jsonutil import json_safe
 from leukoflow.core.physics import DEFAULT_OPTICS, Optics
 from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
@@ -301,7 +302,7 @@ class SimConfig:
         """JSON-safe nested dict of every parameter (for metadata)."""
         d = dataclasses.asdict(self)
         d["optics"] = self.optics.to_dict()
-        return _jsonable(d)
+        return json_safe(d, strict=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SimConfig:
@@ -325,11 +326,3 @@ class SimConfig:
         if "defocus_um" in d:
             d["defocus_um"] = tuple(d["defocus_um"])
         return cls(**d)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj

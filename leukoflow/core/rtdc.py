@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow import __version__
+from leukoflow.core import jsonutil
 from leukoflow.core.physics import DEFAULT_OPTICS
 from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
@@ -64,7 +65,7 @@ def _attr_value(value: Any) -> Any:
         return value
     if isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
         return np.asarray(value)
-    return json.dumps(value, default=str)
+    return jsonutil.dumps(value)
 
 
 def flatten_meta(meta: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -111,7 +112,7 @@ class RtdcWriter:
         self._pending_attrs: dict[str, Any] = {}
         if params:
             self._h5.attrs.update(flatten_meta({"user": _flat_params(params)}))
-            self._write_log(self._h5, "leukoflow-params", [json.dumps(params, default=str)])
+            self._write_log(self._h5, "leukoflow-params", [jsonutil.dumps(params)])
         self._events = self._h5.require_group("events")
         self._dsets: dict[str, Any] = {}
         self.n_events = 0
