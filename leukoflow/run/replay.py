@@ -25,6 +25,9 @@ import numpy as np
 from leukoflow.core import transport, wire
 from leukoflow.core.rtdc import open_rtdc
 from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.inference.backends import create_backend
+from leukoflow.inference.decision import rule_from_artifact
+from leukoflow.models.artifact import load_artifact
 from leukoflow.run.collector import DECISIONS, read_cell_log
 from leukoflow.run.recorder import DCLAB_SCALARS, read_recording
 
@@ -227,3 +230,69 @@ def compare_decisions(recording: str | Path, run_dir: str | Path) -> dict[str, A
             "decision_mismatch": dec_mis, "pred_mismatch": pred_mis,
             "missing": int((~have).sum()), "max_prob_diff": max_dp,
             "exact": bool(have.all() and both.all())}
+
+
+def fast_replay(recording: str | Path, model: str | None = None, backend: str = "onnxruntime",
+                max_batch: int = 256, threads: int = 1) -> dict[str, Any]:
+    """Run the model again on a crop recording, without the ZeroMQ pipeline (one Dask task of
+    ``leukoflow replay --fast``).
+
+    The recorded crops go through a local backend and the artifact's decision rule in batches
+    of ``max_batch``; the new decisions are compared with the recorded ones cell by cell.
+
+    Parameters
+    ----------
+    recording : path
+        Crop recording (``qpi_pha``).
+    model : str, optional
+        Artifact name or folder (default: the recording's ``user:model``, else ``lenet5-sim``).
+    backend : str
+        Inference backend (a local one: ``onnxruntime``, ``torch-cpu`` ...).
+    max_batch : int
+        Cells per forward pass.
+    threads : int
+        Backend threads.
+
+    Returns
+    -------
+    dict
+        ``model``, ``backend``, ``n``, ``comparison`` (like :func:`compare_decisions`), and
+        the arrays ``probs`` (N, K), ``pred``, ``decision`` (names), ``label``, ``kind`` for
+        validation.
+    """
+    rec = read_recording(recording)
+    if "qpi_pha" not in rec:
+        raise ValueError(f"{recording}: no qpi_pha crops (raw recordings replay through "
+                         "acquisition: leukoflow replay without --fast)")
+    name = model or rec["meta"].get("user:model") or "lenet5-sim"
+    art = load_artifact(name)
+    be = create_backend(backend, art, max_batch=max_batch, threads=threads)
+    try:
+        out = be.infer(rec["qpi_pha"])
+    finally:
+        be.close()
+    rule = rule_from_artifact(art)
+    d = rule(out.logits, out.features, out.ood_score)
+    names = np.array(d.names(), dtype=object)
+    finite = out.finite
+    names[~finite] = "rejected"
+    n = rec["n"]
+    comp: dict[str, Any] = {"recorded": n, "compared": 0, "identical": 0,
+                            "non_finite": int((~finite).sum())}
+    if "decision" in rec:
+        old_dec = np.asarray(rec["decision"], dtype=object)
+        old_pred = np.asarray(rec["pred"]) if "pred" in rec else d.pred
+        same_dec = old_dec == names
+        same_pred = old_pred == d.pred
+        comp.update(compared=n, identical=int((same_dec & same_pred).sum()),
+                    decision_mismatch=int((~same_dec).sum()),
+                    pred_mismatch=int((~same_pred).sum()),
+                    max_prob_diff=float(np.abs(rec["probs"] - d.probs).max()) if n and
+                    "probs" in rec else None)
+        comp["exact"] = bool(comp["identical"] == n)
+    return {"model": str(getattr(art, "name", name)), "backend": backend, "n": int(n),
+            "comparison": comp, "probs": d.probs[finite], "pred": d.pred[finite],
+            "decision": [str(v) for v in names[finite]],
+            "label": np.asarray(rec["label"])[finite],
+            "kind": [k for k, ok in zip(rec["kind"], finite, strict=True) if ok],
+            "classes": list(rec["classes"])}
