@@ -148,10 +148,15 @@ def _validate_card(card: Any, where: Path) -> dict[str, Any]:
         raise ArtifactError(f"{where}: confidence_threshold must be in [0, 1], got {ct!r}")
     desc = card.get("descriptors")
     if desc is not None:
-        from leukoflow.models.descriptors import DescriptorConfig
-
         try:
-            DescriptorConfig(**{k: v for k, v in desc.items() if k != "names"})
+            from leukoflow.models.descriptors import DescriptorConfig
+        except ImportError:  # no torch (lean GPU image): descriptors live in the ONNX graph
+            DescriptorConfig = None  # noqa: N806
+        try:
+            if not isinstance(desc, dict):
+                raise TypeError("not an object")
+            if DescriptorConfig is not None:
+                DescriptorConfig(**{k: v for k, v in desc.items() if k != "names"})
         except (AttributeError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{where}: invalid descriptors {desc!r}: {exc}") from exc
         px = card.get("pixel_size_um")
@@ -428,8 +433,13 @@ def load_artifact(path_or_name: str | Path, verify: bool = True) -> Artifact:
         Missing folder or files, corrupt/truncated weights, invalid card, wrong shapes.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
+    try:
+        from safetensors.torch import load_file
+        have_torch = True
+    except ImportError:  # the lean GPU image (TensorRT + pycuda, no torch): numpy tensors
+        from safetensors.numpy import load_file
+        have_torch = False
     folder = resolve_artifact_path(path_or_name)
     card = read_card(folder)
     wpath = folder / WEIGHTS_FILE
@@ -447,12 +457,14 @@ def load_artifact(path_or_name: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{wpath}: cannot read weights (truncated or corrupt?): {exc}"
                             ) from exc
     state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    ood = {k[len(OOD_PREFIX):]: v.numpy() for k, v in tensors.items() if k.startswith(OOD_PREFIX)}
+    ood = {k[len(OOD_PREFIX):]: np.asarray(v.numpy() if have_torch else v)
+           for k, v in tensors.items() if k.startswith(OOD_PREFIX)}
     if not state:
         raise ArtifactError(f"{wpath}: no model tensors (keys starting with {MODEL_PREFIX!r})")
     art = Artifact(folder, card, state, ood)
     if verify:
-        art.build_model()
+        if have_torch:  # without torch the network runs from its exported graph only
+            art.build_model()
         if card["ood"] is not None:
             art.ood_detector()
     return art

@@ -63,8 +63,12 @@ class GpuInfo:
             import torch
         except ImportError:
             return cls.from_pycuda(device)
-        if not torch.cuda.is_available():
-            raise TensorRTError("no CUDA device: TensorRT engines need an NVIDIA GPU")
+        if not torch.cuda.is_available():  # e.g. a CPU build of torch beside pycuda
+            try:
+                return cls.from_pycuda(device)
+            except TensorRTError:
+                raise TensorRTError("no CUDA device: TensorRT engines need an NVIDIA GPU"
+                                    ) from None
         p = torch.cuda.get_device_properties(device)
         return cls(p.name, int(p.major), int(p.minor), int(p.multi_processor_count))
 
