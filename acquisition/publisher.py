@@ -97,7 +97,8 @@ class CropPublisher:
         # IMMEDIATE: nothing queues until a worker is connected, so "nobody pulling" is a
         # counted drop rather than a silent pile-up
         self.sock = transport.make_socket(ctx, "PUSH", endpoint, bind=True, hwm=sndhwm,
-                                          allow_remote=allow_remote, immediate=True)
+                                          allow_remote=allow_remote, immediate=True,
+                                          serves="crops")
         self.sent_cells = 0
         self.sent_messages = 0
         self.dropped: Counter = Counter()
@@ -160,7 +161,7 @@ class AccountingPublisher:
         self.sender = wire.Sender(run=run, role="acquire")
         self.endpoint = endpoint
         self.sock = transport.make_socket(ctx, "PUSH", endpoint, bind=False, hwm=64,
-                                          immediate=True)
+                                          immediate=True, identity="acquire")
         self.sent = 0
         self.failed = 0
 

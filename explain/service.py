@@ -223,7 +223,9 @@ class ExplainService:
         self._sock: Any = None
         self.explainers: list[Any] = []
         self.stats = {"received_cells": 0, "explained": 0, "dropped_backlog": 0,
-                      "dropped_error": 0, "dropped_shutdown": 0, "rejected_messages": 0}
+                      "dropped_error": 0, "dropped_shutdown": 0, "dropped_shape": 0,
+                      "rejected_messages": 0}
+        self.crop_side: int | None = None  # the model's input size, known once loaded
         self._lock = threading.Lock()
         self.out_dir = Path(self.config.run_dir) / "explanations"
         self.endpoint = self.config.endpoint
@@ -239,10 +241,11 @@ class ExplainService:
                                       port=cfg.metrics_port, status=self.status).open()
         self._ctx = zmq.Context()
         self._sock = transport.make_socket(self._ctx, "PULL", cfg.endpoint, bind=True,
-                                           hwm=cfg.hwm, allow_remote=cfg.allow_remote)
+                                           hwm=cfg.hwm, allow_remote=cfg.allow_remote,
+                                           serves="explain")
         self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.metrics["leukoflow_explainer_backlog"].set(0)
-        for r in ("backlog_full", "error", "shutdown"):
+        for r in ("backlog_full", "error", "shutdown", "shape"):
             self.metrics["leukoflow_dropped_total"].labels(STAGE, r)
         for m in cfg.methods:
             self.metrics["leukoflow_explanations_total"].labels(m)
@@ -277,6 +280,7 @@ class ExplainService:
         s = self.bundle.module.input_size or 64
         for e in self.explainers:
             e.explain(np.zeros((1, s, s), np.float32), [0])
+        self.crop_side = int(s)
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, int]:
         """Stop both threads (the current cell is finished), count leftovers, close.
@@ -337,7 +341,7 @@ class ExplainService:
     def _drop(self, reason: str, n: int = 1) -> None:
         self.metrics["leukoflow_dropped_total"].labels(STAGE, reason).inc(n)
         key = {"backlog_full": "dropped_backlog", "error": "dropped_error",
-               "shutdown": "dropped_shutdown"}[reason]
+               "shutdown": "dropped_shutdown", "shape": "dropped_shape"}[reason]
         with self._lock:
             self.stats[key] += n
 
@@ -370,6 +374,9 @@ class ExplainService:
                 except wire.WireError as exc:
                     self._reject(exc.reason)
                     continue
+                if not transport.authorize(frames, msg.header):  # CurveZMQ role check
+                    self._reject("unauthorized")
+                    continue
                 self._handle(msg)
 
     def _handle(self, msg: Any) -> None:
@@ -383,6 +390,10 @@ class ExplainService:
             return
         if msg.kind != "explain":
             self._reject("kind")
+            return
+        side = self.crop_side
+        if side is not None and tuple(msg.array.shape[1:]) != (side, side):
+            self._reject("shape")  # only crops of the model's size are explained
             return
         # a message larger than the backlog: its first cells would be dropped (oldest
         # first) as soon as they were queued; count them without building them
@@ -419,6 +430,12 @@ class ExplainService:
         while not self.stop_event.is_set():
             cells = self.backlog.take(max(1, self.config.batch_cells), 0.1)
             self.metrics["leukoflow_explainer_backlog"].set(len(self.backlog))
+            # cells queued before the model was loaded: only crops of its size are explained
+            side = (self.crop_side, self.crop_side)
+            keep = [c for c in cells if c.crop.shape == side]
+            if len(keep) < len(cells):
+                self._drop("shape", len(cells) - len(keep))
+                cells = keep
             if not cells:
                 continue
             try:

@@ -257,21 +257,22 @@ class InferWorker:
                                       buckets=be.buckets)
         self.sender = wire.Sender(run="", role="infer")
         self._ctx = self._ctx_given or zmq.Context()
+        # largest crop message: a batch of the model's crops (ZeroMQ drops bigger frames)
+        limit = transport.message_limit(be.input_size, cfg.max_batch)
         self.crops = transport.make_socket(self._ctx, "PULL", cfg.crops_endpoint, bind=False,
-                                           hwm=cfg.crops_hwm)
+                                           hwm=cfg.crops_hwm, identity="infer",
+                                           max_msg_bytes=limit)
         self.results = transport.make_socket(self._ctx, "PUSH", cfg.results_endpoint,
-                                             bind=False, hwm=cfg.results_hwm, immediate=False)
+                                             bind=False, hwm=cfg.results_hwm, immediate=False,
+                                             identity="infer")
         self.results.setsockopt(zmq.SNDTIMEO, int(cfg.results_timeout_ms))
         explain = None
         if cfg.explain_endpoint:
-            # like transport.make_socket, plus SNDBUF, which must be set before connecting
-            transport.check_endpoint(cfg.explain_endpoint, bind=False)
-            explain = self._ctx.socket(zmq.PUSH)
-            explain.setsockopt(zmq.LINGER, 0)
-            explain.setsockopt(zmq.SNDHWM, int(cfg.explain_hwm))
-            explain.setsockopt(zmq.IMMEDIATE, 1)
-            explain.setsockopt(zmq.SNDBUF, int(cfg.explain_sndbuf_bytes))
-            explain.connect(cfg.explain_endpoint)
+            # SNDBUF must be set before connecting
+            explain = transport.make_socket(
+                self._ctx, "PUSH", cfg.explain_endpoint, bind=False,
+                hwm=int(cfg.explain_hwm), identity="infer",
+                options={zmq.SNDBUF: int(cfg.explain_sndbuf_bytes)})
         self.explain = explain
         # explain messages get their own sender (own sequence numbers): the explainer sees
         # dropped messages as gaps, the collector sees a gap-free stream from this worker

@@ -72,10 +72,18 @@ def test_registry() -> None:
 
 def test_transport_refuses_remote_bind() -> None:
     transport.check_endpoint("tcp://127.0.0.1:5555", bind=True)
-    transport.check_endpoint("tcp://10.0.0.5:5555", bind=False)  # connecting is fine
+    transport.check_endpoint("tcp://localhost:5555", bind=False)
+    # another host: only with CurveZMQ keys (connect and bind), binding also needs the opt-in
+    transport.check_endpoint("tcp://10.0.0.5:5555", bind=False, secure=True)
+    with pytest.raises(transport.EndpointError, match="without CurveZMQ keys"):
+        transport.check_endpoint("tcp://10.0.0.5:5555", bind=False)
     with pytest.raises(transport.EndpointError, match="non-loopback"):
         transport.check_endpoint("tcp://0.0.0.0:5555", bind=True)
-    transport.check_endpoint("tcp://0.0.0.0:5555", bind=True, allow_remote=True)
+    with pytest.raises(transport.EndpointError, match="non-loopback"):
+        transport.check_endpoint("tcp://0.0.0.0:5555", bind=True, secure=True)
+    with pytest.raises(transport.EndpointError, match="without CurveZMQ keys"):
+        transport.check_endpoint("tcp://0.0.0.0:5555", bind=True, allow_remote=True)
+    transport.check_endpoint("tcp://0.0.0.0:5555", bind=True, allow_remote=True, secure=True)
     with pytest.raises(transport.EndpointError, match="bad endpoint"):
         transport.check_endpoint("http://x", bind=False)
 

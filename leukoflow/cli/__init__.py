@@ -66,6 +66,7 @@ def _register_all() -> None:
         bench,
         explain,
         infer,
+        keys,
         models,
         qc,
         reconstruct,
@@ -73,7 +74,7 @@ def _register_all() -> None:
         simulate,
     )
 
-    for mod in (simulate, reconstruct, acquire, infer, explain, run, models, bench, qc):
+    for mod in (simulate, reconstruct, acquire, infer, explain, run, models, bench, qc, keys):
         mod.register(app)
 
 

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from leukoflow import __version__
+from leukoflow.core import curve
 
 #: Latency buckets [s]: sub-millisecond resolution up to 5 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -121,6 +122,7 @@ class ServiceMetrics:
         self.service = service
         self.registry = pc.CollectorRegistry()
         self._metrics: dict[str, Any] = {}
+        self._refused = sum(curve.refusals().values())
         self["leukoflow_service_info"].labels(service, version or __version__, run_id).set(1)
         self["leukoflow_ready"].set(0)
 
@@ -131,9 +133,18 @@ class ServiceMetrics:
         return m
 
     def exposition(self) -> bytes:
-        """Text exposition of all families."""
+        """Text exposition of all families.
+
+        Handshakes the process's CurveZMQ endpoints refused (:func:`curve.refusals`) are
+        added as ``leukoflow_messages_rejected_total{reason="unauthenticated"}``.
+        """
         import prometheus_client as pc
 
+        refused = sum(curve.refusals().values())
+        if refused > self._refused:
+            self["leukoflow_messages_rejected_total"].labels("unauthenticated").inc(
+                refused - self._refused)
+            self._refused = refused
         return pc.generate_latest(self.registry)
 
 

@@ -719,15 +719,17 @@ class Collector:
         self._setup_metrics(on_stop=(lambda _sig: self.request_stop()) if install_signals
                             else None)
         ctx = zmq.Context.instance()
-        pull = transport.make_socket(ctx, "PULL", self.cfg.results, bind=True, hwm=self.cfg.hwm)
-        pub = (transport.make_socket(ctx, "PUB", self.cfg.live, bind=True, hwm=100)
+        pull = transport.make_socket(ctx, "PULL", self.cfg.results, bind=True, hwm=self.cfg.hwm,
+                                     serves="collector")
+        pub = (transport.make_socket(ctx, "PUB", self.cfg.live, bind=True, hwm=100,
+                                     serves="live")
                if self.cfg.live else None)
         tap_in = tap_out = None
         if self.cfg.tap_in:
             tap_in = transport.make_socket(ctx, "PULL", self.cfg.tap_in, bind=False,
-                                           hwm=self.cfg.hwm)
+                                           hwm=self.cfg.hwm, identity="collector")
             tap_out = transport.make_socket(ctx, "PUSH", self.cfg.tap_out, bind=True,
-                                            hwm=self.cfg.hwm, immediate=False)
+                                            hwm=self.cfg.hwm, immediate=False, serves="tap")
         self._open_recorder()
         live_sender = wire.Sender(self.cfg.run_id or "run", "collector")
         pending: deque[list] = deque()
@@ -780,6 +782,11 @@ class Collector:
         except wire.WireError as exc:
             self.state.reject_message(exc.reason)
             log.warning("rejected message: %s", exc)
+            return
+        if not transport.authorize(frames, msg.header):  # CurveZMQ role may not send this
+            self.state.reject_message("unauthorized")
+            log.warning("unauthorized %s %s from %s refused", msg.kind,
+                        msg.header.get("cmd", ""), msg.sender)
             return
         self._gaps.observe(msg.sender, msg.seq)
         if msg.kind == "results":

@@ -72,7 +72,7 @@ class StateFeed:
 
 
         self._sock = transport.make_socket(zmq.Context.instance(), "SUB", live_endpoint,
-                                           bind=False, hwm=10)
+                                           bind=False, hwm=10, identity="viewer")
         self.metrics_ports = dict(metrics_ports)
         self.worker_ports = list(worker_ports)
         self.scrape_interval_s = scrape_interval_s

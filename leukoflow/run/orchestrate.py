@@ -435,7 +435,7 @@ class _Notifier:
 
         self._ctx = zmq.Context.instance()
         self._sock = transport.make_socket(self._ctx, "PUSH", endpoint, bind=False,
-                                           immediate=False)
+                                           immediate=False, identity="supervisor")
         self._sender = wire.Sender(run_id, "supervisor")
 
     def send(self, cmd: str, stats: dict[str, Any]) -> None:

@@ -124,9 +124,9 @@ class ReplayPublisher:
 
         ctx = zmq.Context.instance()
         push = transport.make_socket(ctx, "PUSH", self.crops_endpoint, bind=True, hwm=100,
-                                     immediate=False)
+                                     immediate=False, serves="crops")
         ctl = transport.make_socket(ctx, "PUSH", self.collector_endpoint, bind=False,
-                                    immediate=False)
+                                    immediate=False, identity="acquire")
         sender = wire.Sender(self.run_id, "replay")
         rec = self.rec
         ids = self._ids()
