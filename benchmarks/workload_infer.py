@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core import wire
+from leukoflow.core.stats import softmax_t
 from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.inference.decision import rule_from_artifact, softmax_t
+from leukoflow.inference.decision import rule_from_artifact
 from leukoflow.inference.worker import InferConfig, InferWorker
 from leukoflow.models.artifact import load_artifact, save_artifact
 from leukoflow.models.ood import DETECTORS

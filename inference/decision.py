@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from leukoflow.core.stats import softmax_t
+
 DECISIONS: tuple[str, ...] = ("counted", "uncertain", "ood")
 """Decision names in code order (``Decisions.code`` indexes this tuple)."""
 COUNTED, UNCERTAIN, OOD = 0, 1, 2
@@ -29,30 +31,6 @@ class OODScorer(Protocol):
 
     def score(self, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
         """OOD score per cell (larger = more out-of-distribution)."""
-
-
-def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Temperature-scaled softmax ``softmax(logits / T)`` along the last axis.
-
-    Parameters
-    ----------
-    logits : ndarray, shape (N, K)
-        Raw class logits.
-    temperature : float
-        Calibration temperature ``T > 0`` (dimensionless).
-
-    Returns
-    -------
-    ndarray, shape (N, K), float32
-        Calibrated class probabilities; rows sum to 1.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z.astype(np.float32)
 
 
 @dataclass
@@ -120,7 +98,7 @@ class DecisionRule:
         ``ood_score`` (N,) is a score the backend already computed with the same detector
         (on the GPU); otherwise the detector scores on the host.
         """
-        probs = softmax_t(logits, self.temperature)
+        probs = softmax_t(logits, self.temperature, np.float32)
         pred = probs.argmax(axis=1).astype(np.int64)
         conf = probs.max(axis=1)
         n = probs.shape[0]

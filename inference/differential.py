@@ -28,110 +28,17 @@ than Clopper–Pearson (Brown, Cai & DasGupta, Statist. Sci. 16:101, 2001).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from leukoflow.core.stats import clopper_pearson_interval, em_prior_shift, wilson_interval
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.inference.decision import DECISIONS
 
 INTERVAL_METHODS = ("wilson", "clopper-pearson")
-
-
-def _z(confidence: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.ppf(0.5 + confidence / 2.0))
-
-
-def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``k / n``.
-
-    Parameters
-    ----------
-    k, n : int
-        Successes and trials (``0 <= k <= n``).
-    confidence : float
-        Two-sided coverage (0.95 for a 95 % interval).
-
-    Returns
-    -------
-    (lower, upper) : tuple of float
-        Bounds in [0, 1]; ``(0.0, 1.0)`` when ``n == 0``.
-    """
-    _check_kn(k, n)
-    if n == 0:
-        return 0.0, 1.0
-    z = _z(confidence)
-    p = k / n
-    z2n = z * z / n
-    centre = (p + z2n / 2.0) / (1.0 + z2n)
-    half = z / (1.0 + z2n) * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n))
-    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
-    # exact endpoints at the boundaries (rounding otherwise leaves 1e-17)
-    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)
-
-
-def clopper_pearson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Clopper–Pearson ("exact") interval for ``k / n`` from beta quantiles.
-
-    Parameters and return value as :func:`wilson_interval`.
-    """
-    from scipy.stats import beta
-
-    _check_kn(k, n)
-    if n == 0:
-        return 0.0, 1.0
-    a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(beta.ppf(a / 2.0, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1.0 - a / 2.0, k + 1, n - k))
-    return lo, hi
-
-
-def em_prior_shift(probs: np.ndarray, train_prior: np.ndarray | None = None,
-                   max_iter: int = 1000, tol: float = 1e-9,
-                   start: np.ndarray | None = None) -> np.ndarray:
-    """Class priors of a sample from calibrated posteriors (Saerens et al. 2002 EM).
-
-    Parameters
-    ----------
-    probs : ndarray (N, K)
-        Calibrated class probabilities of the model for the N cells of the sample.
-    train_prior : ndarray (K,), optional
-        Class priors the posteriors were calibrated under (uniform by default: class-balanced
-        training and calibration data).
-    max_iter, tol : int, float
-        EM stopping rule (max change of any prior).
-    start : ndarray (K,), optional
-        Starting priors (default: the mean posterior).
-
-    Returns
-    -------
-    ndarray (K,)
-        Estimated class fractions of the sample (sum 1).
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    k = p.shape[1]
-    tr = np.full(k, 1.0 / k) if train_prior is None else np.asarray(train_prior, np.float64)
-    if len(p) == 0:
-        return np.full(k, np.nan)
-    prior = p.mean(axis=0) if start is None else np.asarray(start, np.float64)
-    for _ in range(max_iter):
-        post = p * (prior / tr)
-        post /= np.maximum(post.sum(axis=1, keepdims=True), 1e-300)
-        new = post.mean(axis=0)
-        if np.abs(new - prior).max() < tol:
-            return new
-        prior = new
-    return prior
-
-
-def _check_kn(k: int, n: int) -> None:
-    if not (0 <= k <= n):
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
 
 
 class Differential:

@@ -2,10 +2,8 @@
 
 Conventions (see ../shared/notes/xai-calibration-ood.md section 4):
 
-* **ECE**: top-label, ``n_bins = 15`` equal-width confidence bins ``(lower, upper]``,
-  ECE = sum_b (n_b / n) |acc_b - conf_b| (Guo et al. 2017). Reported as a fraction (x100 = %).
-* **adaptive ECE**: the same with equal-mass bins (Nixon et al. 2019), 15 bins.
-* **MCE**: max_b |acc_b - conf_b| over bins with at least ``min_bin_count`` samples.
+* **ECE**, **adaptive ECE**, **MCE** and the reliability bins are defined once in
+  :mod:`leukoflow.core.stats` (top-label, 15 equal-width bins ``(lower, upper]``, fraction).
 * **NLL**: -mean log p_y (p clamped at 1e-12), nats. **Brier**: (1/n) sum_i sum_k
   (p_ik - onehot_ik)^2, range [0, 2] (not divided by K).
 * Temperature: one scalar T > 0, p = softmax(z / T), fitted by minimising the validation
@@ -27,13 +25,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-N_BINS = 15
+from leukoflow.core.stats import N_BINS, adaptive_ece, bin_stats, ece, mce
+
 T_BOUNDS = (0.05, 20.0)
-
-
-def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax of ``logits / temperature`` (float64, numerically stable)."""
-    return np.exp(log_softmax(np.asarray(logits, np.float64) / temperature, axis=1))
 
 
 def nll_of(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -73,49 +67,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray,
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def _bin_stats(conf: np.ndarray, correct: np.ndarray, edges: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-bin count, mean confidence, accuracy for bins (edges[i], edges[i+1]]."""
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, len(edges) - 2)
-    nb = len(edges) - 1
-    count = np.bincount(idx, minlength=nb).astype(np.float64)
-    sconf = np.bincount(idx, weights=conf, minlength=nb)
-    sacc = np.bincount(idx, weights=correct.astype(np.float64), minlength=nb)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return count, sconf / count, sacc / count
-
-
-def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
-    """Top-label expected calibration error, equal-width bins (fraction, not %)."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    count, mc, ma = _bin_stats(conf, correct, np.linspace(0.0, 1.0, n_bins + 1))
-    ok = count > 0
-    return float(np.sum(count[ok] / count.sum() * np.abs(ma[ok] - mc[ok])))
-
-
-def adaptive_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
-    """Top-label ECE with equal-mass bins (Nixon et al. 2019)."""
-    conf = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(np.float64)
-    order = np.argsort(conf, kind="stable")
-    total = 0.0
-    for chunk in np.array_split(order, min(n_bins, len(order))):
-        if chunk.size:
-            total += chunk.size * abs(correct[chunk].mean() - conf[chunk].mean())
-    return float(total / len(conf))
-
-
-def mce(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS,
-        min_bin_count: int = 10) -> float:
-    """Maximum calibration error over equal-width bins with >= ``min_bin_count`` cells."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    count, mc, ma = _bin_stats(conf, correct, np.linspace(0.0, 1.0, n_bins + 1))
-    ok = count >= min_bin_count
-    return float(np.max(np.abs(ma[ok] - mc[ok]))) if ok.any() else float("nan")
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -241,7 +192,7 @@ def reliability_diagram(probs: np.ndarray, labels: np.ndarray, path: str | Path,
     if probs_before is not None:
         series.insert(0, ("before T", probs_before, "C3"))
     for label, p, col in series:
-        count, mc, ma = _bin_stats(p.max(1), p.argmax(1) == labels, edges)
+        count, mc, ma = bin_stats(p.max(1), p.argmax(1) == labels, edges)
         ok = count > 0
         ax.plot(mc[ok], ma[ok], "o-", color=col,
                 label=f"{label} (ECE {100 * ece(p, labels, n_bins):.2f} %)")

@@ -15,28 +15,17 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from leukoflow.models.calibration import calibration_report, softmax_t
+from leukoflow.core.stats import softmax_t, wilson_interval
+from leukoflow.models.calibration import calibration_report
 from leukoflow.models.data import load_eval_set
 from leukoflow.models.ood import DETECTORS, FPR_CONVENTION, ood_report
 from leukoflow.models.train import predict
 
 DEFOCUS_FEATURES = ("defocus_um", "focus_um", "defocus")
-
-
-def wilson_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score 95 % interval of a binomial proportion k/n."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def classification_report(probs: np.ndarray, labels: np.ndarray,
@@ -50,7 +39,8 @@ def classification_report(probs: np.ndarray, labels: np.ndarray,
     for c, name in enumerate(class_names):
         n = int(cm[c].sum())
         recall[name] = {"value": float(cm[c, c] / n) if n else float("nan"),
-                        "ci95": list(wilson_ci(int(cm[c, c]), n)), "n": n}
+                        "ci95": list(wilson_interval(int(cm[c, c]), n)) if n
+                        else [float("nan")] * 2, "n": n}
     return {"per_class_recall": recall, "confusion_matrix": cm.tolist(),
             "confusion_axes": "rows = true class, columns = predicted class",
             "class_names": list(class_names)}

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core.jsonutil import json_safe
+from leukoflow.core.stats import softmax_t
 from leukoflow.models.artifact import load_artifact, save_artifact, update_card
 from leukoflow.models.calibration import (
     calibration_report,
     fit_temperature,
     reliability_diagram,
-    softmax_t,
 )
 from leukoflow.models.data import Splits, load_splits
 from leukoflow.models.evaluate import full_report

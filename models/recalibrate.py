@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from leukoflow.core.jsonutil import json_safe
+from leukoflow.core.stats import softmax_t
 from leukoflow.models.artifact import save_artifact
 from leukoflow.models.calibration import (
     calibration_report,
     fit_temperature,
     reliability_diagram,
-    softmax_t,
 )
 from leukoflow.models.data import load_splits
 from leukoflow.models.ood import DETECTORS

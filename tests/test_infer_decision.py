@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukoflow.inference.decision import DECISIONS, DecisionRule, softmax_t
-from leukoflow.inference.differential import Differential, clopper_pearson_interval, wilson_interval
+from leukoflow.core.stats import clopper_pearson_interval, wilson_interval
+from leukoflow.inference.decision import DECISIONS, DecisionRule
+from leukoflow.inference.differential import Differential
 
 
 class FixedScores:
@@ -15,18 +16,6 @@ class FixedScores:
 
     def score(self, logits, features):
         return self.scores
-
-
-def test_softmax_temperature():
-    z = np.array([[2.0, 0.0, 0.0, 0.0], [1000.0, 0.0, 0.0, 0.0]])
-    p1 = softmax_t(z, 1.0)
-    p2 = softmax_t(z, 2.0)
-    assert p1[0, 0] == pytest.approx(np.e**2 / (np.e**2 + 3), rel=1e-6)
-    assert p2[0, 0] == pytest.approx(np.e / (np.e + 3), rel=1e-6)
-    assert np.isfinite(p1).all() and p1[1, 0] == 1.0  # no overflow
-    np.testing.assert_allclose(p2.sum(1), 1, rtol=1e-6)
-    with pytest.raises(ValueError):
-        softmax_t(z, 0.0)
 
 
 def test_decision_order_ood_then_uncertain_then_counted():
@@ -47,25 +36,6 @@ def test_decision_order_ood_then_uncertain_then_counted():
     assert np.isnan(hot.ood_score).all()  # no detector: no OOD test
     with pytest.raises(ValueError):
         DecisionRule(1.0, 0.5, FixedScores([1.0]), 0.0)(logits, feats)
-
-
-def test_wilson_and_clopper_pearson_known_values():
-    from scipy.stats import binomtest
-
-    # Wilson 95 % for 5/10 and 0/10 and 10/10 (closed form, z = 1.959964)
-    lo, hi = wilson_interval(5, 10)
-    assert (lo, hi) == pytest.approx((0.236593, 0.763407), abs=1e-6)
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
-    assert wilson_interval(10, 10) == pytest.approx((0.722467, 1.0), abs=1e-6)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-    # Clopper-Pearson agrees with scipy's exact binomial test interval
-    for k, n in [(5, 10), (0, 20), (37, 200), (200, 200)]:
-        ci = binomtest(k, n).proportion_ci(0.95, method="exact")
-        assert clopper_pearson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
-        w = binomtest(k, n).proportion_ci(0.95, method="wilson")
-        assert wilson_interval(k, n) == pytest.approx((w.low, w.high), abs=1e-9)
-    with pytest.raises(ValueError):
-        wilson_interval(3, 2)
 
 
 def test_differential_counts_intervals_and_probabilistic_count():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from leukoflow.inference.differential import Differential, em_prior_shift
+from leukoflow.core.stats import em_prior_shift
+from leukoflow.inference.differential import Differential
 
 
 def _calibrated_sample(prior: np.ndarray, n: int, sep: float, seed: int) -> tuple:

@@ -5,19 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from leukoflow.core.stats import adaptive_ece, ece, mce, softmax_t
 from leukoflow.models.calibration import (
     accuracy,
-    adaptive_ece,
     bootstrap_ci,
     brier,
     calibration_report,
-    ece,
     ece_if_calibrated,
     fit_temperature,
-    mce,
     nll,
     reliability_diagram,
-    softmax_t,
 )
 
 

@@ -14,11 +14,10 @@ import pytest
 from test_report_browser import _open
 
 from leukoflow.acquisition.sim.dataset import make_crop_dataset
+from leukoflow.core import stats
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.inference.backends import create_backend
 from leukoflow.inference.decision import rule_from_artifact
-from leukoflow.inference.differential import em_prior_shift
-from leukoflow.models import calibration
 from leukoflow.models.artifact import load_artifact
 from leukoflow.reports.archive import validate_archive, write_archive_report
 from leukoflow.reports.validate import validate_recording
@@ -84,12 +83,12 @@ def _independent(paths):
             cm[t, q] += 1
         true += np.bincount(lab[idd], minlength=k)
         keep = dec != "ood"
-        est_counts += em_prior_shift(probs[keep]) * keep.sum()
+        est_counts += stats.em_prior_shift(probs[keep]) * keep.sum()
         not_ood += keep.sum()
         probs_id.append(probs[idd])
         labels_id.append(lab[idd])
     return {"cm": cm, "true": true / true.sum(), "est": est_counts / not_ood,
-            "ece": calibration.ece(np.concatenate(probs_id), np.concatenate(labels_id), 15)}
+            "ece": stats.ece(np.concatenate(probs_id), np.concatenate(labels_id), 15)}
 
 
 def test_validate_many_recordings_on_a_local_dask_cluster(recordings, tmp_path):

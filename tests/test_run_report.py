@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, make_crops, wait_for
 
+from leukoflow.core.stats import ece, em_prior_shift, reliability_bins
 from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.inference.differential import em_prior_shift
-from leukoflow.models.calibration import ece
 from leukoflow.reports.report import fig_differential, write_run_report, write_validation_report
-from leukoflow.reports.validate import evaluate_predictions, reliability_bins
+from leukoflow.reports.validate import evaluate_predictions
 from leukoflow.run.collector import DECISIONS, Collector, CollectorConfig, read_cell_log
 
 

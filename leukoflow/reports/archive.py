@@ -35,14 +35,20 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core.stats import (
+    N_BINS,
+    bin_sums,
+    ece_from_sums,
+    reliability_from_sums,
+    wilson_interval,
+)
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.reports.report import _fig, _page, _plt, _save, _table, fig_reliability
-from leukoflow.reports.validate import N_BINS, evaluate_predictions, validate_recording
+from leukoflow.reports.validate import evaluate_predictions, validate_recording
 from leukoflow.run.recorder import read_recording
 from leukoflow.run.replay import fast_replay
 
 MODES = ("validate", "fast-replay")
-Z95 = 1.959963984540054
 
 
 def expand_recordings(items: Sequence[str | Path]) -> list[Path]:
@@ -147,9 +153,7 @@ def pool_sums(probs: np.ndarray, labels: np.ndarray, decisions: Sequence[str],
     np.add.at(cm_c, (labels[cnt], pred[cnt]), 1)
     counted = dec == "counted"
     conf = probs[idd].max(1) if idd.any() else np.zeros(0)
-    correct = (pred[idd] == labels[idd]).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, N_BINS + 1)
-    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, N_BINS - 1)
+    bc, bconf, bcorr = bin_sums(conf, pred[idd] == labels[idd], np.linspace(0.0, 1.0, N_BINS + 1))
     in_dist = int((dec != "ood").sum())
     est = [None if e is None or not math.isfinite(e) else float(e) * in_dist for e in estimate]
     ood_obj = labels == -1
@@ -158,9 +162,8 @@ def pool_sums(probs: np.ndarray, labels: np.ndarray, decisions: Sequence[str],
         "true_counts": np.bincount(labels[idd], minlength=k).tolist(),
         "counted_per_class": np.bincount(pred[counted], minlength=k).tolist(),
         "not_ood": in_dist, "estimated_counts": est,
-        "bins_count": np.bincount(b, minlength=N_BINS).tolist(),
-        "bins_conf": np.bincount(b, weights=conf, minlength=N_BINS).tolist(),
-        "bins_correct": np.bincount(b, weights=correct, minlength=N_BINS).tolist(),
+        "bins_count": bc.astype(int).tolist(), "bins_conf": bconf.tolist(),
+        "bins_correct": bcorr.tolist(),
         "ood_objects": int(ood_obj.sum()), "ood_rejected": int((dec[ood_obj] == "ood").sum()),
         "id_cells": int(idd.sum()), "id_rejected": int((dec[idd] == "ood").sum()),
     }
@@ -208,15 +211,10 @@ def fast_replay_task(path: str, model: str | None, backend: str) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- pooling
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float | None, float | None]:
-    """Wilson score interval of a proportion ``k / n``."""
-    if n <= 0:
-        return None, None
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(k: int, n: int) -> tuple[float | None, float | None]:
+    """95 % Wilson interval of ``k / n`` (:func:`leukoflow.core.stats.wilson_interval`);
+    ``(None, None)`` without data."""
+    return wilson_interval(k, n) if n > 0 else (None, None)
 
 
 def _pooled_diff(sums: list[dict[str, Any]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,9 +276,7 @@ def pool(rows: list[dict[str, Any]], classes: Sequence[str] = CLASS_NAMES, n_boo
     bc = np.sum([s["bins_count"] for s in sums], axis=0).astype(np.float64)
     bconf = np.sum([s["bins_conf"] for s in sums], axis=0)
     bcorr = np.sum([s["bins_correct"] for s in sums], axis=0)
-    ece = float(np.sum(np.abs(bcorr - bconf)) / bc.sum()) if bc.sum() else None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mc, ma = bconf / bc, bcorr / bc
+    ece = _f(ece_from_sums(bc, bconf, bcorr))
     n_ood = sum(s["ood_objects"] for s in sums)
     n_rej = sum(s["ood_rejected"] for s in sums)
     return {
@@ -298,9 +294,8 @@ def pool(rows: list[dict[str, Any]], classes: Sequence[str] = CLASS_NAMES, n_boo
                                          f"({n_boot} resamples, seed {seed})",
             "max_abs_error_pp": max((abs(v["error_pp"]) for v in diff.values()
                                      if v["error_pp"] is not None), default=None)},
-        "calibration": {"ece": ece, "n_bins": N_BINS, "reliability": {
-            "edges": np.linspace(0, 1, N_BINS + 1).tolist(), "count": bc.astype(int).tolist(),
-            "confidence": [_f(v) for v in mc], "accuracy": [_f(v) for v in ma]}},
+        "calibration": {"ece": ece, "n_bins": N_BINS, "reliability": reliability_from_sums(
+            np.linspace(0.0, 1.0, N_BINS + 1), bc, bconf, bcorr)},
         "ood": {"objects": n_ood, "rejection_rate": n_rej / n_ood if n_ood else None,
                 "rejection_ci95": list(wilson(n_rej, n_ood)),
                 "false_rejection_rate": (sum(s["id_rejected"] for s in sums)

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core.stats import reliability_bins
 from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.reports.validate import evaluate_predictions, reliability_bins
+from leukoflow.reports.validate import evaluate_predictions
 from leukoflow.run.collector import read_cell_log
 
 DECISION_COLOURS = {"counted": "#2b8a3e", "uncertain": "#e67700", "ood": "#c92a2a"}
@@ -198,7 +199,7 @@ def fig_histograms(recs: np.ndarray, path: Path) -> str:
 
 
 def fig_reliability(rel: Mapping[str, Any], path: Path, title: str = "Reliability") -> str:
-    """Reliability diagram from :func:`leukoflow.reports.validate.reliability_bins` output."""
+    """Reliability diagram from :func:`leukoflow.core.stats.reliability_bins` output."""
     plt = _plt()
     edges = np.asarray(rel["edges"])
     centres = (edges[:-1] + edges[1:]) / 2

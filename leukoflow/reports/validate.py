@@ -10,7 +10,7 @@
 * ``decisions``: rows = true class (and ``ood`` objects), columns = class / uncertain / ood;
 * ``differential``: live differential (fraction of counted cells per predicted class) vs the
   true differential of the labelled in-distribution cells, error in percentage points;
-* ``calibration``: ECE (15 equal-width bins, top label; :mod:`leukoflow.models.calibration`),
+* ``calibration``: ECE (15 equal-width bins, top label; :mod:`leukoflow.core.stats`),
   adaptive ECE, MCE, NLL, Brier and the reliability-diagram bins;
 * ``ood``: rejection rate of OOD objects (decided ``ood``), per object kind, and the false
   rejection rate of in-distribution cells.
@@ -24,12 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core.stats import (
+    N_BINS,
+    adaptive_ece,
+    ece,
+    em_prior_shift,
+    mce,
+    reliability_bins,
+)
 from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.inference.differential import em_prior_shift
 from leukoflow.models import calibration
 from leukoflow.run.recorder import read_recording
-
-N_BINS = 15
 
 
 def _prf(cm: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
@@ -43,23 +48,6 @@ def _prf(cm: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float | in
         f1 = 2 * p * r / (p + r) if p is not None and r is not None and p + r > 0 else None
         out[name] = {"precision": p, "recall": r, "f1": f1, "support": int(cm[i, :].sum())}
     return out
-
-
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS
-                     ) -> dict[str, list]:
-    """Per-bin count, mean confidence and accuracy over equal-width bins (lower, upper]."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins)
-    sconf = np.bincount(idx, weights=conf, minlength=n_bins)
-    sacc = np.bincount(idx, weights=correct.astype(float), minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mc, ma = sconf / count, sacc / count
-    return {"edges": edges.tolist(), "count": count.tolist(),
-            "confidence": [None if not np.isfinite(v) else float(v) for v in mc],
-            "accuracy": [None if not np.isfinite(v) else float(v) for v in ma]}
 
 
 def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, decisions: Sequence[str],
@@ -145,8 +133,8 @@ def evaluate_predictions(probs: np.ndarray, labels: np.ndarray, decisions: Seque
     if idd.any():
         p, y = probs[idd], labels[idd]
         out["calibration"] = {
-            "ece": calibration.ece(p, y, N_BINS), "adaptive_ece": calibration.adaptive_ece(p, y),
-            "mce": calibration.mce(p, y), "nll": calibration.nll(p, y),
+            "ece": ece(p, y, N_BINS), "adaptive_ece": adaptive_ece(p, y, N_BINS),
+            "mce": mce(p, y, N_BINS), "nll": calibration.nll(p, y),
             "brier": calibration.brier(p, y), "n_bins": N_BINS,
             "reliability": reliability_bins(p, y, N_BINS),
         }

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.core.stats import softmax_t
 from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.models.calibration import fit_temperature, softmax_t
+from leukoflow.models.calibration import fit_temperature
 from leukoflow.models.train import TrainConfig, train_model
 from leukoflow.research.ring_descriptors import fit_predict_descriptors, phase_descriptors
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from leukoflow.models.calibration import fit_temperature, softmax_t
+from leukoflow.core.stats import softmax_t
+from leukoflow.models.calibration import fit_temperature
 
 
 def phase_descriptors(x: np.ndarray, ring_px: int = 2, n_rings: int = 16,
