@@ -46,198 +46,202 @@ def _summary(card_or_report: dict) -> str:
     return "\n".join(lines)
 
 
-def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``app``."""
+def train(
+    data: Annotated[str, typer.Option("--data", help="Dataset: .rtdc, .npz (PBC layout or "
+                                      "x/y) or 'sim[:n_per_class[:ood_per_kind]]'.")],
+    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")],
+    arch: Annotated[str, typer.Option("--arch", help="lenet5, alexnet or lenet5_vi.")
+                    ] = "lenet5",
+    arch_kwarg: Annotated[list[str] | None, typer.Option(
+        "--arch-kwarg", help="Architecture keyword KEY=VALUE (repeatable), "
+                             "e.g. width=0.25.")] = None,
+    seed: Annotated[int, typer.Option(help="Training seed (weights, order, augmentation).")
+                    ] = 0,
+    data_seed: Annotated[int, typer.Option(help="Seed of the split / simulator.")] = 0,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Batch size (cells).")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")] = 6,
+    balance: Annotated[str, typer.Option(help="weights, sampler or none.")] = "weights",
+    noise_rad: Annotated[float, typer.Option(help="Augmentation noise std (rad).")] = 0.02,
+    max_shift: Annotated[int, typer.Option(help="Augmentation max shift (px).")] = 3,
+    ood: Annotated[str, typer.Option(help="OOD detector stored in the card.")] = "knn",
+    descriptors: Annotated[str, typer.Option(
+        help="Physical phase descriptors for OOD (models.descriptors): auto (on for "
+             "phase crops in rad with a pixel size), on or off.")] = "auto",
+    knn_bank: Annotated[int, typer.Option(help="KNN feature bank size (cells).")] = 1000,
+    alpha: Annotated[float, typer.Option(help="ID fraction allowed above OOD threshold.")
+                     ] = 0.05,
+    confidence_threshold: Annotated[float, typer.Option(help="Uncertain below this p.")
+                                    ] = 0.8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for intervals.")] = 1000,
+    no_weights: Annotated[bool, typer.Option("--no-weights",
+                                             help="Write the card only.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")
+                       ] = False,
+) -> None:
+    """Train a model, calibrate it, fit OOD detectors and write an artifact folder."""
+    import sys
 
-    @app.command("train")
-    def train(
-        data: Annotated[str, typer.Option("--data", help="Dataset: .rtdc, .npz (PBC layout or "
-                                          "x/y) or 'sim[:n_per_class[:ood_per_kind]]'.")],
-        out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")],
-        arch: Annotated[str, typer.Option("--arch", help="lenet5, alexnet or lenet5_vi.")
-                        ] = "lenet5",
-        arch_kwarg: Annotated[list[str] | None, typer.Option(
-            "--arch-kwarg", help="Architecture keyword KEY=VALUE (repeatable), "
-                                 "e.g. width=0.25.")] = None,
-        seed: Annotated[int, typer.Option(help="Training seed (weights, order, augmentation).")
-                        ] = 0,
-        data_seed: Annotated[int, typer.Option(help="Seed of the split / simulator.")] = 0,
-        epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 30,
-        batch_size: Annotated[int, typer.Option(help="Batch size (cells).")] = 128,
-        lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
-        weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
-        patience: Annotated[int, typer.Option(help="Early stopping patience (epochs).")] = 6,
-        balance: Annotated[str, typer.Option(help="weights, sampler or none.")] = "weights",
-        noise_rad: Annotated[float, typer.Option(help="Augmentation noise std (rad).")] = 0.02,
-        max_shift: Annotated[int, typer.Option(help="Augmentation max shift (px).")] = 3,
-        ood: Annotated[str, typer.Option(help="OOD detector stored in the card.")] = "knn",
-        descriptors: Annotated[str, typer.Option(
-            help="Physical phase descriptors for OOD (models.descriptors): auto (on for "
-                 "phase crops in rad with a pixel size), on or off.")] = "auto",
-        knn_bank: Annotated[int, typer.Option(help="KNN feature bank size (cells).")] = 1000,
-        alpha: Annotated[float, typer.Option(help="ID fraction allowed above OOD threshold.")
-                         ] = 0.05,
-        confidence_threshold: Annotated[float, typer.Option(help="Uncertain below this p.")
-                                        ] = 0.8,
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-        threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
-        n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for intervals.")] = 1000,
-        no_weights: Annotated[bool, typer.Option("--no-weights",
-                                                 help="Write the card only.")] = False,
-        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")
-                           ] = False,
-    ) -> None:
-        """Train a model, calibrate it, fit OOD detectors and write an artifact folder."""
-        import sys
+    from leukoflow.models.data import Augment
+    from leukoflow.models.ood import DETECTORS
+    from leukoflow.models.pipeline import build_artifact
+    from leukoflow.models.train import TrainConfig
 
-        from leukoflow.models.data import Augment
-        from leukoflow.models.ood import DETECTORS
-        from leukoflow.models.pipeline import build_artifact
-        from leukoflow.models.train import TrainConfig
+    if balance not in ("weights", "sampler", "none"):
+        raise typer.BadParameter("balance must be weights, sampler or none")
+    if descriptors not in ("auto", "on", "off"):
+        raise typer.BadParameter("descriptors must be auto, on or off")
+    if ood not in DETECTORS:
+        raise typer.BadParameter(f"unknown OOD detector {ood!r}: {DETECTORS.names()}")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      patience=patience, seed=seed, balance=balance, device=device,
+                      threads=threads,
+                      augment=Augment(max_shift_px=max_shift, noise_rad=noise_rad).to_dict())
+    try:
+        card = build_artifact(
+            data, out, arch, _parse_kwargs(arch_kwarg), cfg, ood_detector=ood,
+            alpha=alpha, confidence_threshold=confidence_threshold,
+            data_seed=data_seed, n_boot=n_boot, progress=progress,
+            command="leukoflow " + " ".join(sys.argv[1:]), ship_weights=not no_weights,
+            detector_params={"knn": {"bank_size": knn_bank}},
+            descriptors={"auto": None, "on": True, "off": False}[descriptors])
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"train: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(card, indent=2))
+    else:
+        typer.echo(f"wrote {out}\n" + _summary(card))
 
-        if balance not in ("weights", "sampler", "none"):
-            raise typer.BadParameter("balance must be weights, sampler or none")
-        if descriptors not in ("auto", "on", "off"):
-            raise typer.BadParameter("descriptors must be auto, on or off")
-        if ood not in DETECTORS:
-            raise typer.BadParameter(f"unknown OOD detector {ood!r}: {DETECTORS.names()}")
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                          patience=patience, seed=seed, balance=balance, device=device,
-                          threads=threads,
-                          augment=Augment(max_shift_px=max_shift, noise_rad=noise_rad).to_dict())
+
+def calibrate(
+    model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")],
+    data: Annotated[str, typer.Option("--data", help="Dataset the model was trained on "
+                                      "(its validation split is used).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the recalibrated "
+                                             "artifact here (default: in place).")] = None,
+    data_seed: Annotated[int, typer.Option(help="Seed of the split / simulator.")] = 0,
+    ood: Annotated[str | None, typer.Option(help="OOD detector (default: the card's).")
+                   ] = None,
+    alpha: Annotated[float, typer.Option(help="ID fraction allowed above OOD threshold.")
+                     ] = 0.05,
+    png: Annotated[Path | None, typer.Option(help="Reliability diagram PNG "
+                                             "(default: <artifact>/reliability_val.png).")
+                   ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")
+                       ] = False,
+) -> None:
+    """Refit the temperature (validation NLL) and the OOD threshold; report before/after."""
+    from leukoflow.models.artifact import ArtifactError, load_artifact
+    from leukoflow.models.recalibrate import recalibrate
+
+    try:
+        art = load_artifact(model)
+        rep = recalibrate(art, data, out=out, data_seed=data_seed, detector=ood,
+                          alpha=alpha, png=png, n_boot=n_boot)
+    except (ArtifactError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"calibrate: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+    else:
+        b, a = rep["before"], rep["after"]
+        typer.echo(f"T {rep['temperature_old']:.4f} -> {rep['temperature']:.4f} "
+                   f"(validation n = {rep['n_val']})")
+        for k in ("ece", "adaptive_ece", "mce", "nll", "brier", "accuracy"):
+            typer.echo(f"  {k:13s} {b[k]['value']:.4f} [{b[k]['ci95'][0]:.4f}, "
+                       f"{b[k]['ci95'][1]:.4f}] -> {a[k]['value']:.4f} "
+                       f"[{a[k]['ci95'][0]:.4f}, {a[k]['ci95'][1]:.4f}]")
+        typer.echo(f"OOD {rep['ood']['detector']} threshold {rep['ood']['threshold']:.4g}; "
+                   f"wrote {rep['artifact']} and {rep['png']}")
+
+
+def evaluate(
+    dataset: Annotated[str, typer.Argument(help="Labeled .rtdc / .npz (PBC layout: test "
+                                           "split + x_ood) or 'sim[:n]'.")],
+    model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")
+                     ] = "lenet5-sim",
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Accuracy, per-class recall, confusion matrix, calibration and OOD AUROC."""
+    from leukoflow.models.artifact import ArtifactError, load_artifact
+    from leukoflow.models.evaluate import evaluate_artifact
+
+    try:
+        rep = evaluate_artifact(load_artifact(model), dataset, n_boot=n_boot)
+    except (ArtifactError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"evaluate: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+    else:
+        typer.echo(_summary(rep))
+        typer.echo("confusion (rows true, cols predicted): "
+                   f"{rep['classification']['confusion_matrix']}")
+
+
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Output .onnx file.")],
+    model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")
+                     ] = "lenet5-sim",
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    verify: Annotated[bool, typer.Option(help="Compare with PyTorch in ONNX Runtime.")
+                      ] = True,
+    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Also build a TensorRT "
+                                           "engine (needs tensorrt + CUDA).")] = False,
+    precision: Annotated[str, typer.Option(help="TensorRT precision: fp16 or fp32.")
+                         ] = "fp16",
+    max_batch: Annotated[int, typer.Option(help="TensorRT profile max batch.")] = 2048,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT profile optimum batch.")] = 256,
+    engine_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder.")
+                          ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Export to ONNX (dynamic batch), verify with ONNX Runtime, optionally TensorRT."""
+    from leukoflow.models.artifact import ArtifactError, load_artifact
+    from leukoflow.models.export import ExportError, export_artifact
+
+    try:
+        art = load_artifact(model)
+        res = export_artifact(art, out, opset=opset, verify=verify)
+    except (ArtifactError, ExportError, ValueError) as exc:
+        typer.echo(f"export: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if tensorrt:
+        from leukoflow.models.tensorrt_build import TensorRTError, build_engine
+
         try:
-            card = build_artifact(
-                data, out, arch, _parse_kwargs(arch_kwarg), cfg, ood_detector=ood,
-                alpha=alpha, confidence_threshold=confidence_threshold,
-                data_seed=data_seed, n_boot=n_boot, progress=progress,
-                command="leukoflow " + " ".join(sys.argv[1:]), ship_weights=not no_weights,
-                detector_params={"knn": {"bank_size": knn_bank}},
-                descriptors={"auto": None, "on": True, "off": False}[descriptors])
-        except (FileNotFoundError, ValueError) as exc:
-            typer.echo(f"train: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        if as_json:
-            typer.echo(json.dumps(card, indent=2))
-        else:
-            typer.echo(f"wrote {out}\n" + _summary(card))
-
-    @app.command("calibrate")
-    def calibrate(
-        model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")],
-        data: Annotated[str, typer.Option("--data", help="Dataset the model was trained on "
-                                          "(its validation split is used).")],
-        out: Annotated[Path | None, typer.Option("--out", help="Write the recalibrated "
-                                                 "artifact here (default: in place).")] = None,
-        data_seed: Annotated[int, typer.Option(help="Seed of the split / simulator.")] = 0,
-        ood: Annotated[str | None, typer.Option(help="OOD detector (default: the card's).")
-                       ] = None,
-        alpha: Annotated[float, typer.Option(help="ID fraction allowed above OOD threshold.")
-                         ] = 0.05,
-        png: Annotated[Path | None, typer.Option(help="Reliability diagram PNG "
-                                                 "(default: <artifact>/reliability_val.png).")
-                       ] = None,
-        n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")
-                           ] = False,
-    ) -> None:
-        """Refit the temperature (validation NLL) and the OOD threshold; report before/after."""
-        from leukoflow.models.artifact import ArtifactError, load_artifact
-        from leukoflow.models.recalibrate import recalibrate
-
-        try:
-            art = load_artifact(model)
-            rep = recalibrate(art, data, out=out, data_seed=data_seed, detector=ood,
-                              alpha=alpha, png=png, n_boot=n_boot)
-        except (ArtifactError, FileNotFoundError, ValueError) as exc:
-            typer.echo(f"calibrate: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        if as_json:
-            typer.echo(json.dumps(rep, indent=2))
-        else:
-            b, a = rep["before"], rep["after"]
-            typer.echo(f"T {rep['temperature_old']:.4f} -> {rep['temperature']:.4f} "
-                       f"(validation n = {rep['n_val']})")
-            for k in ("ece", "adaptive_ece", "mce", "nll", "brier", "accuracy"):
-                typer.echo(f"  {k:13s} {b[k]['value']:.4f} [{b[k]['ci95'][0]:.4f}, "
-                           f"{b[k]['ci95'][1]:.4f}] -> {a[k]['value']:.4f} "
-                           f"[{a[k]['ci95'][0]:.4f}, {a[k]['ci95'][1]:.4f}]")
-            typer.echo(f"OOD {rep['ood']['detector']} threshold {rep['ood']['threshold']:.4g}; "
-                       f"wrote {rep['artifact']} and {rep['png']}")
-
-    @app.command("evaluate")
-    def evaluate(
-        dataset: Annotated[str, typer.Argument(help="Labeled .rtdc / .npz (PBC layout: test "
-                                               "split + x_ood) or 'sim[:n]'.")],
-        model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")
-                         ] = "lenet5-sim",
-        n_boot: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
-        """Accuracy, per-class recall, confusion matrix, calibration and OOD AUROC."""
-        from leukoflow.models.artifact import ArtifactError, load_artifact
-        from leukoflow.models.evaluate import evaluate_artifact
-
-        try:
-            rep = evaluate_artifact(load_artifact(model), dataset, n_boot=n_boot)
-        except (ArtifactError, FileNotFoundError, ValueError) as exc:
-            typer.echo(f"evaluate: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        if as_json:
-            typer.echo(json.dumps(rep, indent=2))
-        else:
-            typer.echo(_summary(rep))
-            typer.echo("confusion (rows true, cols predicted): "
-                       f"{rep['classification']['confusion_matrix']}")
-
-    @app.command("export")
-    def export(
-        out: Annotated[Path, typer.Option("--out", help="Output .onnx file.")],
-        model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")
-                         ] = "lenet5-sim",
-        opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
-        verify: Annotated[bool, typer.Option(help="Compare with PyTorch in ONNX Runtime.")
-                          ] = True,
-        tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Also build a TensorRT "
-                                               "engine (needs tensorrt + CUDA).")] = False,
-        precision: Annotated[str, typer.Option(help="TensorRT precision: fp16 or fp32.")
-                             ] = "fp16",
-        max_batch: Annotated[int, typer.Option(help="TensorRT profile max batch.")] = 2048,
-        opt_batch: Annotated[int, typer.Option(help="TensorRT profile optimum batch.")] = 256,
-        engine_dir: Annotated[Path | None, typer.Option(help="TensorRT engine cache folder.")
-                              ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
-        """Export to ONNX (dynamic batch), verify with ONNX Runtime, optionally TensorRT."""
-        from leukoflow.models.artifact import ArtifactError, load_artifact
-        from leukoflow.models.export import ExportError, export_artifact
-
-        try:
-            art = load_artifact(model)
-            res = export_artifact(art, out, opset=opset, verify=verify)
-        except (ArtifactError, ExportError, ValueError) as exc:
+            b = build_engine(out, art.sha256, art.input_size, precision=precision,
+                             profile=(1, opt_batch, max_batch),
+                             cache_dir=engine_dir or out.parent / "engines")
+        except TensorRTError as exc:
             typer.echo(f"export: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        if tensorrt:
-            from leukoflow.models.tensorrt_build import TensorRTError, build_engine
+            raise typer.Exit(3) from exc
+        res["tensorrt"] = b.to_dict()
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        typer.echo(f"wrote {res['onnx']}")
+        if "verify" in res:
+            v = res["verify"]
+            typer.echo(f"ONNX Runtime vs PyTorch on {v['n']} crops: max |logit diff| "
+                       f"{v['max_abs_logit_diff']:.2e} at batch sizes "
+                       f"{list(v['per_batch_size'])}")
+        if "tensorrt" in res:
+            typer.echo(f"TensorRT engine {res['tensorrt']['engine']} "
+                       f"({res['tensorrt']['precision']})")
 
-            try:
-                b = build_engine(out, art.sha256, art.input_size, precision=precision,
-                                 profile=(1, opt_batch, max_batch),
-                                 cache_dir=engine_dir or out.parent / "engines")
-            except TensorRTError as exc:
-                typer.echo(f"export: {exc}", err=True)
-                raise typer.Exit(3) from exc
-            res["tensorrt"] = b.to_dict()
-        if as_json:
-            typer.echo(json.dumps(res, indent=2))
-        else:
-            typer.echo(f"wrote {res['onnx']}")
-            if "verify" in res:
-                v = res["verify"]
-                typer.echo(f"ONNX Runtime vs PyTorch on {v['n']} crops: max |logit diff| "
-                           f"{v['max_abs_logit_diff']:.2e} at batch sizes "
-                           f"{list(v['per_batch_size'])}")
-            if "tensorrt" in res:
-                typer.echo(f"TensorRT engine {res['tensorrt']['engine']} "
-                           f"({res['tensorrt']['precision']})")
+
+def register(app: typer.Typer) -> None:
+    """Add ``train``, ``calibrate``, ``evaluate``, ``export`` to ``app``."""
+    app.command("train")(train)
+    app.command("calibrate")(calibrate)
+    app.command("evaluate")(evaluate)
+    app.command("export")(export)
