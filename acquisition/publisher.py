@@ -1,11 +1,12 @@
 """Publish cell crops (PUSH, never blocking) and acquisition accounting (to the collector).
 
-* :class:`CropPublisher` binds a PUSH socket (default ``tcp://127.0.0.1:5555``) with a small
-  send high-water mark and sends one wire-v1 ``crops`` message per frame that finished at
-  least one cell. Sends are non-blocking: when downstream is full the frame's crops are
-  dropped and counted (reason ``backpressure``); the camera loop never waits.
-* :class:`AccountingPublisher` connects a PUSH socket to the collector (default
-  ``tcp://127.0.0.1:5556``) and sends ``control`` messages: periodic ``accounting`` and a
+* :class:`CropPublisher` binds a PUSH socket (default: the ``crops`` endpoint of
+  :data:`leukoflow.core.transport.DEFAULT_ENDPOINTS`) with a small send high-water mark and
+  sends one wire-v1 ``crops`` message per frame that finished at least one cell. Sends are
+  non-blocking: when downstream is full the frame's crops are dropped and counted (reason
+  ``backpressure``); the camera loop never waits.
+* :class:`AccountingPublisher` connects a PUSH socket to the collector (default: the
+  ``collector`` endpoint) and sends ``control`` messages: periodic ``accounting`` and a
   final ``eos``, each with the full statistics, so every cell is accounted for: emitted,
   dropped by reason, or rejected by reason.
 """

@@ -88,7 +88,7 @@ class AcquireConfig:
     rate_hz: float = 0.0
     crops_endpoint: str = transport.DEFAULT_ENDPOINTS["crops"]
     collector_endpoint: str = transport.DEFAULT_ENDPOINTS["collector"]
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = transport.LOOPBACK
     metrics_port: int = transport.DEFAULT_METRICS_PORTS["acquire"]
     run_id: str = ""
     sndhwm: int = 16

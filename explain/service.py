@@ -1,9 +1,10 @@
 """The ``leukoflow explain`` service: explains flagged cells off the counting path.
 
 Inference PUSHes ``explain`` messages (crops plus the results keys of those cells) without
-blocking; this service binds a PULL socket (tcp://127.0.0.1:5557), and a receiver thread
-drains it continuously into a bounded in-memory backlog. When the backlog is full the
-**oldest** cell is dropped and counted as
+blocking; this service binds a PULL socket (default: the ``explain`` endpoint of
+:data:`leukoflow.core.transport.DEFAULT_ENDPOINTS`), and a receiver thread drains it
+continuously into a bounded in-memory backlog. When the backlog is full the **oldest** cell
+is dropped and counted as
 ``leukoflow_dropped_total{stage="explain",reason="backlog_full"}``, so the newest flagged
 cells are explained and the sender never sees backpressure from slow explanations. A worker
 thread takes cells from the backlog, runs the configured methods on its own model copy and
@@ -77,10 +78,10 @@ class ExplainConfig:
         0 leaves the priority unchanged.
     """
 
-    endpoint: str = "tcp://127.0.0.1:5557"
+    endpoint: str = transport.DEFAULT_ENDPOINTS["explain"]
     allow_remote: bool = False
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9103
+    metrics_host: str = transport.LOOPBACK
+    metrics_port: int = transport.DEFAULT_METRICS_PORTS["explain"]
     run_dir: str = "runs/current"
     model: str = "lenet5-sim"
     methods: tuple[str, ...] = ("lime", "guided_backprop")

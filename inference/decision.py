@@ -19,9 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from leukoflow.core.stats import softmax_t
+from leukoflow.core.vocabulary import DECISIONS
 
-DECISIONS: tuple[str, ...] = ("counted", "uncertain", "ood")
-"""Decision names in code order (``Decisions.code`` indexes this tuple)."""
 COUNTED, UNCERTAIN, OOD = 0, 1, 2
 _DECISION_ARRAY = np.array(DECISIONS, dtype=object)
 

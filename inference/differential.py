@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core.stats import clopper_pearson_interval, em_prior_shift, wilson_interval
-from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.inference.decision import DECISIONS
+from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 
 INTERVAL_METHODS = ("wilson", "clopper-pearson")
 

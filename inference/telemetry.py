@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core.metrics import ServiceMetrics
-from leukoflow.inference.decision import DECISIONS
+from leukoflow.core.vocabulary import DECISIONS
 
 
 def observe_many(hist: Any, values: np.ndarray, weights: np.ndarray | None = None) -> None:

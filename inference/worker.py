@@ -120,9 +120,9 @@ class InferConfig:
     threads: int = 1
     precision: str = "fp16"
     cpu_pipeline: bool = True
-    crops_endpoint: str = "tcp://127.0.0.1:5555"
-    results_endpoint: str = "tcp://127.0.0.1:5556"
-    explain_endpoint: str = "tcp://127.0.0.1:5557"
+    crops_endpoint: str = transport.DEFAULT_ENDPOINTS["crops"]
+    results_endpoint: str = transport.DEFAULT_ENDPOINTS["collector"]
+    explain_endpoint: str = transport.DEFAULT_ENDPOINTS["explain"]
     crops_hwm: int = 100
     results_hwm: int = 1000
     explain_hwm: int = 8
@@ -130,8 +130,8 @@ class InferConfig:
     results_timeout_ms: int = 1000
     explain_sample_rate: float = 0.01
     explain_seed: int = 0
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9102
+    metrics_host: str = transport.LOOPBACK
+    metrics_port: int = transport.DEFAULT_METRICS_PORTS["infer"]
     heartbeat_s: float = 1.0
     cache_dir: str = ""
     warmup: bool = True

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from leukoflow.core.stats import clopper_pearson_interval, wilson_interval
-from leukoflow.inference.decision import DECISIONS, DecisionRule
+from leukoflow.core.vocabulary import DECISIONS
+from leukoflow.inference.decision import DecisionRule
 from leukoflow.inference.differential import Differential
 
 

@@ -16,9 +16,10 @@ import subprocess
 import pytest
 from test_run_report import make_run_dir
 
+from leukoflow.core.vocabulary import DECISIONS
 from leukoflow.reports.report import write_run_report, write_validation_report
 from leukoflow.reports.validate import evaluate_predictions
-from leukoflow.run.collector import DECISIONS, read_cell_log
+from leukoflow.run.collector import read_cell_log
 
 PROBE = """<script>
 window.__errors = [];

@@ -15,10 +15,10 @@ import numpy as np
 from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, make_crops, wait_for
 
 from leukoflow.core.stats import ece, em_prior_shift, reliability_bins
-from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.reports.report import fig_differential, write_run_report, write_validation_report
 from leukoflow.reports.validate import evaluate_predictions
-from leukoflow.run.collector import DECISIONS, Collector, CollectorConfig, read_cell_log
+from leukoflow.run.collector import Collector, CollectorConfig, read_cell_log
 
 
 def make_run_dir(tmp_path: Path, n_frames: int = 30) -> Path:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from leukoflow.core import wire
+from leukoflow.core import transport, wire
 from leukoflow.core.jsonutil import json_safe
 from leukoflow.core.metrics import HealthServer, ServiceMetrics
 
@@ -96,7 +96,7 @@ class ServiceScaffold:
         ``/healthz`` answers 503 when :meth:`tick` was not called for this long [s].
     """
 
-    def __init__(self, metrics: ServiceMetrics, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, metrics: ServiceMetrics, *, host: str = transport.LOOPBACK, port: int = 0,
                  status: Callable[[], dict] | None = None,
                  on_stop: Callable[[str], Any] | None = None,
                  live_timeout_s: float = 5.0) -> None:

@@ -30,13 +30,36 @@ from leukoflow.core.physics import DEFAULT_OPTICS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINTS = {
-    "crops": "tcp://127.0.0.1:5555",
-    "collector": "tcp://127.0.0.1:5556",
-    "explain": "tcp://127.0.0.1:5557",
-    "live": "tcp://127.0.0.1:5558",
-}
-DEFAULT_METRICS_PORTS = {"acquire": 9101, "infer": 9102, "explain": 9103, "collector": 9104}
+#: The one place for addresses and ports: every default endpoint and metrics port derives
+#: from these (services, ``leukoflow run``, deploy files, docs/CONTRACTS.md).
+LOOPBACK = "127.0.0.1"
+#: ZeroMQ endpoints in port order: a run's endpoint ``role`` is ``base + index`` (see
+#: :func:`loopback_endpoints`): crops (acquire -> infer), collector (results/control), explain
+#: (infer -> explainer), live (collector state), tap (recording tap of ``leukoflow run``).
+ENDPOINT_ROLES: tuple[str, ...] = ("crops", "collector", "explain", "live", "tap")
+DEFAULT_BASE_PORT = 5555
+#: Services in metrics-port order: ``base + index`` (inference worker i > 0: ``base + 10 + i``).
+METRICS_ROLES: tuple[str, ...] = ("acquire", "infer", "explain", "collector")
+DEFAULT_METRICS_BASE_PORT = 9101
+
+
+def tcp_endpoint(port: int, host: str = LOOPBACK) -> str:
+    """``tcp://host:port`` (loopback by default)."""
+    return f"tcp://{host}:{int(port)}"
+
+
+def loopback_endpoints(base_port: int = DEFAULT_BASE_PORT) -> dict[str, str]:
+    """Loopback endpoint per :data:`ENDPOINT_ROLES` role, from ``base_port`` upwards."""
+    return {role: tcp_endpoint(base_port + i) for i, role in enumerate(ENDPOINT_ROLES)}
+
+
+def metrics_ports(base_port: int = DEFAULT_METRICS_BASE_PORT) -> dict[str, int]:
+    """Metrics (health server) port per :data:`METRICS_ROLES` service."""
+    return {role: base_port + i for i, role in enumerate(METRICS_ROLES)}
+
+
+DEFAULT_ENDPOINTS: dict[str, str] = loopback_endpoints()
+DEFAULT_METRICS_PORTS: dict[str, int] = metrics_ports()
 #: Cells per message a receiving socket accepts by default (crops of one frame, one batch of
 #: results or explain requests); services that know their batch size pass their own.
 DEFAULT_MAX_CELLS = 1024

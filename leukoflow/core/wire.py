@@ -29,9 +29,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from leukoflow.core.vocabulary import DECISIONS
+
 SCHEMA_VERSION = 1
 KINDS = ("crops", "results", "explain", "control", "heartbeat")
-DECISIONS = ("counted", "uncertain", "ood")
 CONTROL_COMMANDS = ("eos", "accounting", "stop", "hello")
 
 #: dtype allow-list per kind (little-endian only)

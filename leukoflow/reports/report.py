@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core.stats import reliability_bins
-from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.reports.validate import evaluate_predictions
 from leukoflow.run.collector import read_cell_log
 
@@ -140,7 +140,7 @@ def fig_decisions_over_time(recs: np.ndarray, path: Path, width_s: float) -> str
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     bottom = np.zeros(n_bins)
     centres = (np.arange(n_bins) + 0.5) * width_s
-    for code, name in enumerate(("counted", "uncertain", "ood")):
+    for code, name in enumerate(DECISIONS):
         c = np.bincount(b[recs["decision"] == code], minlength=n_bins)
         ax.bar(centres, c, width=width_s * 0.95, bottom=bottom, color=DECISION_COLOURS[name],
                label=name)
@@ -182,7 +182,7 @@ def fig_histograms(recs: np.ndarray, path: Path) -> str:
     """Confidence and OOD-score histograms, split by decision."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for code, name in enumerate(("counted", "uncertain", "ood")):
+    for code, name in enumerate(DECISIONS):
         m = recs["decision"] == code
         if m.any():
             a1.hist(recs["conf"][m], bins=np.linspace(0, 1, 41), alpha=0.6,
@@ -256,7 +256,7 @@ def _gallery(run_dir: Path, out: Path, recs: np.ndarray) -> list[str]:
                     if meta.get(k) is not None]
             cap += " · " + " · ".join(bits[:3])
         elif r is not None:
-            cap += (f" · {('counted', 'uncertain', 'ood')[int(r['decision'])]}"
+            cap += (f" · {DECISIONS[int(r['decision'])]}"
                     f" · conf {float(r['conf']):.2f}")
         figs.append(_fig(f"gallery/{p.name}", cap))
     return figs
@@ -396,7 +396,7 @@ def write_run_report(run_dir: str | Path, title: str | None = None) -> Path:
             figs.append(_fig(fig_reliability(rel, out / "reliability.png"),
                              "Reliability diagram (labelled in-distribution cells)"))
             val = evaluate_predictions(recs["p"], lab.astype(int),
-                                       [("counted", "uncertain", "ood")[d]
+                                       [DECISIONS[d]
                                         for d in recs["decision"]])
             body.append(_validation_tables(val))
     body.append("<h2>Figures</h2>")

@@ -1,6 +1,7 @@
 """The collector: the single authority for a run's counts and accounting.
 
-It PULLs (bound, default ``tcp://127.0.0.1:5556``) the inference workers' ``results``
+It PULLs (bound; default: the ``collector`` endpoint of
+:data:`leukoflow.core.transport.DEFAULT_ENDPOINTS`) the inference workers' ``results``
 messages and every service's ``control`` messages (acquisition accounting and end of stream,
 worker accounting, supervisor restarts), and
 
@@ -20,7 +21,8 @@ worker accounting, supervisor restarts), and
 * optionally taps the crop stream (PULL from acquisition, PUSH on to the workers) so the
   :class:`leukoflow.run.recorder.Recorder` can write crops with their predictions to ``.rtdc``;
 * PUBlishes the live state (a wire ``heartbeat`` whose ``stats`` is :meth:`RunState.snapshot`)
-  on ``tcp://127.0.0.1:5558`` for the live view, and serves Prometheus metrics (9104).
+  on the ``live`` endpoint for the live view, and serves Prometheus metrics (default ports:
+  :mod:`leukoflow.core.transport`).
 
 Accounting reports (``control`` with ``cmd`` ``accounting`` or ``eos``) carry cumulative
 ``stats`` per sender, so a lost or repeated report changes nothing. Keys understood:
@@ -58,13 +60,12 @@ from leukoflow.core import jsonutil, transport, wire
 from leukoflow.core.jsonutil import atomic_write_json
 from leukoflow.core.metrics import ServiceMetrics
 from leukoflow.core.service import ServiceScaffold, heartbeat_message
-from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.inference.differential import Differential
 from leukoflow.run.recorder import Recorder, repair_rtdc
 
 log = logging.getLogger(__name__)
 
-DECISIONS: tuple[str, ...] = ("counted", "uncertain", "ood")
 EMITTER_ROLES: frozenset[str] = frozenset({"acquire", "acquisition", "replay"})
 
 #: One record per cell in the append-only cell log (``cells.bin``).
@@ -527,10 +528,10 @@ class CollectorConfig:
         ZeroMQ high-water marks [messages].
     """
 
-    results: str = "tcp://127.0.0.1:5556"
-    live: str = "tcp://127.0.0.1:5558"
-    metrics_port: int = 9104
-    metrics_host: str = "127.0.0.1"
+    results: str = transport.DEFAULT_ENDPOINTS["collector"]
+    live: str = transport.DEFAULT_ENDPOINTS["live"]
+    metrics_port: int = transport.DEFAULT_METRICS_PORTS["collector"]
+    metrics_host: str = transport.LOOPBACK
     run_dir: str = "runs/latest"
     run_id: str = ""
     record: str = ""

@@ -1,7 +1,7 @@
 """The live terminal view of a run (rich), fed by the collector's PUB state and /metrics.
 
 :class:`StateFeed` subscribes to the collector's live state (wire ``heartbeat`` messages on
-``tcp://127.0.0.1:5558``) and, once a second, scrapes the other services' ``/metrics``
+the ``live`` endpoint) and, once a second, scrapes the other services' ``/metrics``
 (frames/s, queue depths, explainer backlog). :class:`LiveView` renders the differential with
 95 % intervals, counted/uncertain/OOD/rejected/dropped, cells/s, frames/s, queue depths,
 latency p50/p99 and the explainer backlog. :func:`want_live_view` decides whether to show it

@@ -38,6 +38,7 @@ from typing import Any
 
 from leukoflow.core import transport, wire
 from leukoflow.core.service import StopSignals, control_message
+from leukoflow.core.vocabulary import DECISIONS
 from leukoflow.reports.report import write_run_report
 from leukoflow.run.liveview import StateFeed
 
@@ -335,8 +336,8 @@ class RunOptions:
     explain: bool = True
     backend: str = ""
     model: str = ""
-    zmq_base_port: int = 5555
-    metrics_base_port: int = 9101
+    zmq_base_port: int = transport.DEFAULT_BASE_PORT
+    metrics_base_port: int = transport.DEFAULT_METRICS_BASE_PORT
     replay_rate: float | None = None
     rate_hz: float | None = None
     replay_realtime: bool = False
@@ -349,15 +350,11 @@ class RunOptions:
 
     def endpoints(self) -> dict[str, str]:
         """ZeroMQ endpoints of this run."""
-        b = self.zmq_base_port
-        return {"crops": f"tcp://127.0.0.1:{b}", "collector": f"tcp://127.0.0.1:{b + 1}",
-                "explain": f"tcp://127.0.0.1:{b + 2}", "live": f"tcp://127.0.0.1:{b + 3}",
-                "tap": f"tcp://127.0.0.1:{b + 4}"}
+        return transport.loopback_endpoints(self.zmq_base_port)
 
     def metrics_ports(self) -> dict[str, int]:
         """Metrics ports of this run."""
-        b = self.metrics_base_port
-        return {"acquire": b, "infer": b + 1, "explain": b + 2, "collector": b + 3}
+        return transport.metrics_ports(self.metrics_base_port)
 
 
 def worker_metrics_port(opts: RunOptions, i: int) -> int:
@@ -590,7 +587,7 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "counted_fraction": {n: {"fraction": c["fraction"], "lower": c["lower"],
                                  "upper": c["upper"]}
                              for n, c in diff.get("classes", {}).items()},
-        "decisions": {k: acc.get(k, 0) for k in ("counted", "uncertain", "ood")},
+        "decisions": {k: acc.get(k, 0) for k in DECISIONS},
         "accounting": acc,
         "throughput": summary.get("throughput", {}),
         "latency": summary.get("latency", {}),

@@ -48,12 +48,9 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core.rtdc import RtdcWriter, base_meta, open_rtdc
-from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS, SCORE_FEATURES
+from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS, OOD_KINDS, SCORE_FEATURES
 
 log = logging.getLogger(__name__)
-
-DECISION_NAMES: tuple[str, ...] = ("counted", "uncertain", "ood")
-"""Decision names; ``userdef2`` stores the index into this tuple."""
 
 USERDEF_FIELDS: dict[str, str] = {
     "userdef0": "label",
@@ -266,7 +263,7 @@ class Recorder:
         m.setdefault("user", {})
         m["user"]["class_names"] = json.dumps(list(self.classes))
         m["user"]["kind_names"] = json.dumps(self.kind_names)
-        m["user"]["decision_names"] = json.dumps(list(DECISION_NAMES))
+        m["user"]["decision_names"] = json.dumps(list(DECISIONS))
         m["user"]["userdef"] = json.dumps(USERDEF_FIELDS)
         m["user"]["recording"] = "leukoflow live run"
         self.flush_interval_s = float(flush_interval_s)
@@ -358,7 +355,7 @@ class Recorder:
         items = [it for _, it in rows]
         n = len(rows)
         p = np.asarray(probs, dtype=np.float32)[idx]
-        dec = np.array([DECISION_NAMES.index(header["decision"][i]) for i in idx], dtype=float)
+        dec = np.array([DECISIONS.index(header["decision"][i]) for i in idx], dtype=float)
         res_labels = header.get("labels")
         labels = _nan(n)
         kinds = _nan(n)
@@ -480,7 +477,7 @@ def read_recording(path: str | Path) -> dict[str, Any]:
     out["kind"] = [kind_names[int(c)] if np.isfinite(c) and int(c) < len(kind_names) else ""
                    for c in kc]
     if "userdef2" in get:
-        out["decision"] = [DECISION_NAMES[int(d)] for d in get["userdef2"]]
+        out["decision"] = [DECISIONS[int(d)] for d in get["userdef2"]]
     for key, name, dtype in (("userdef3", "pred", np.int64), ("userdef4", "ood_score", float),
                              ("userdef5", "conf", float), ("userdef6", "cell_id", np.int64),
                              ("userdef7", "latency_s", float), ("frame", "frame", np.int64),

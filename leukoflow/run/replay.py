@@ -24,11 +24,11 @@ import numpy as np
 
 from leukoflow.core import transport, wire
 from leukoflow.core.rtdc import open_rtdc
-from leukoflow.core.vocabulary import CLASS_NAMES
+from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.inference.backends import create_backend
 from leukoflow.inference.decision import rule_from_artifact
 from leukoflow.models.artifact import load_artifact
-from leukoflow.run.collector import DECISIONS, read_cell_log
+from leukoflow.run.collector import read_cell_log
 from leukoflow.run.recorder import DCLAB_SCALARS, read_recording
 
 log = logging.getLogger(__name__)
