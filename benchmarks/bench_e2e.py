@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,19 +38,14 @@ from leukoflow.acquisition.sim import SimConfig
 from leukoflow.acquisition.sim.dataset import make_crop_dataset
 from leukoflow.benchmarks.common import machine, row
 from leukoflow.core.rtdc import write_crop_dataset
+from leukoflow.core.transport import free_tcp_port, tcp_endpoint
 from leukoflow.core.vocabulary import CLASS_NAMES
 
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ports() -> list[str]:
-    return ["--zmq-base-port", str(_free_port()), "--metrics-base-port", str(_free_port())]
+    return ["--zmq-base-port", str(free_tcp_port()), "--metrics-base-port", str(free_tcp_port())]
 
 
 def _cli_json(*args: str, timeout: float = 3600) -> dict[str, Any]:
@@ -66,9 +60,9 @@ def acquisition_only(duration_s: float) -> dict[str, float]:
     """Frames/s and objects/s of the acquisition service alone (no consumer)."""
     t0 = time.monotonic()
     acc = _cli_json("acquire", "--source", "sim", "--duration", str(duration_s), "--json",
-                    "--crops-endpoint", f"tcp://127.0.0.1:{_free_port()}",
-                    "--collector-endpoint", f"tcp://127.0.0.1:{_free_port()}",
-                    "--metrics-port", str(_free_port()))
+                    "--crops-endpoint", tcp_endpoint(free_tcp_port()),
+                    "--collector-endpoint", tcp_endpoint(free_tcp_port()),
+                    "--metrics-port", str(free_tcp_port()))
     wall = time.monotonic() - t0
     return {"frames_per_s": acc["frames"] / duration_s,
             "cells_per_s": acc["cells_total"] / duration_s, "wall_s": wall}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -45,6 +44,7 @@ from leukoflow.benchmarks.workload_infer import (
     produce,
     worker_process,
 )
+from leukoflow.core.transport import free_tcp_port, tcp_endpoint
 from leukoflow.explain.segmentation import multi_slic
 from leukoflow.models.artifact import list_artifacts
 
@@ -155,12 +155,6 @@ def lime_bench(quick: bool = False) -> tuple[list[dict], dict]:
     return rows, detail
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _artifact_path(tmp: str) -> str:
 
     if "lenet5-sim" in list_artifacts():
@@ -192,9 +186,9 @@ def worker_rate(model: str, n_msgs: int, tmp: str, explainer: str) -> dict:
     from leukoflow.benchmarks.workload_explain import explainer_process
 
     mpc = mp.get_context("spawn")
-    crops_ep = f"tcp://127.0.0.1:{_free_port()}"
-    results_ep = f"tcp://127.0.0.1:{_free_port()}"
-    explain_ep = f"tcp://127.0.0.1:{_free_port()}" if explainer != "none" else ""
+    crops_ep = tcp_endpoint(free_tcp_port())
+    results_ep = tcp_endpoint(free_tcp_port())
+    explain_ep = tcp_endpoint(free_tcp_port()) if explainer != "none" else ""
     procs, stops = [], []
     ctx = sock = None
     q = mpc.Queue()

@@ -29,6 +29,7 @@ from leukoflow.benchmarks.workload_infer import (
     synthetic_crops,
     worker_process,
 )
+from leukoflow.core.transport import tcp_endpoint
 from leukoflow.inference.backends import create_backend
 from leukoflow.inference.decision import rule_from_artifact
 from leukoflow.models.artifact import list_artifacts, load_artifact
@@ -52,8 +53,8 @@ def service_throughput(model: str, backend: str, n_msgs: int, port0: int, tmp: s
     """Cells/s of the service fed by a producer process (see module docstring)."""
 
     mpc = mp.get_context("spawn")
-    crops_ep = f"tcp://127.0.0.1:{port0}"
-    results_ep = f"tcp://127.0.0.1:{port0 + 1}"
+    crops_ep = tcp_endpoint(port0)
+    results_ep = tcp_endpoint(port0 + 1)
     cfg = dict(model=model, backend=backend, max_batch=max_batch, max_delay_ms=2.0,
                crops_endpoint=crops_ep, results_endpoint=results_ep, explain_endpoint="",
                metrics_port=-1, cache_dir=os.path.join(tmp, "cache"), precision=precision,

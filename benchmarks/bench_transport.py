@@ -16,6 +16,7 @@ import numpy as np
 
 from leukoflow.benchmarks.common import machine, main, row
 from leukoflow.core import wire
+from leukoflow.core.transport import tcp_endpoint
 
 
 def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue) -> None:
@@ -44,7 +45,7 @@ def _measure(mode: str, n_msgs: int, per_msg: int, port: int) -> float:
     import zmq
 
 
-    endpoint = f"tcp://127.0.0.1:{port}"
+    endpoint = tcp_endpoint(port)
     q: mp.Queue = mp.get_context("fork").Queue()
     p = mp.get_context("fork").Process(target=_receiver, args=(endpoint, n_msgs, mode, q))
     p.start()

@@ -30,6 +30,7 @@ from leukoflow.benchmarks.workload_infer import (
     synthetic_crops,
     worker_process,
 )
+from leukoflow.core.transport import tcp_endpoint
 from leukoflow.inference.backends import create_backend
 
 
@@ -38,12 +39,12 @@ def service(device: str, n_msgs: int, per_msg: int, max_batch: int, size: int,
     """Service throughput (cells/s) fed by a producer process over loopback TCP."""
 
     mpc = mp.get_context("spawn")
-    crops_ep = f"tcp://127.0.0.1:{port0}"
-    results_ep = f"tcp://127.0.0.1:{port0 + 1}"
+    crops_ep = tcp_endpoint(port0)
+    results_ep = tcp_endpoint(port0 + 1)
     cfg = dict(model="synthetic", backend="torch-cuda" if device == "cuda" else "torch-cpu",
                max_batch=max_batch, max_delay_ms=2.0, precision="fp16",
                crops_endpoint=crops_ep, results_endpoint=results_ep,
-               explain_endpoint=f"tcp://127.0.0.1:{port0 + 2}",  # nobody there: drops
+               explain_endpoint=tcp_endpoint(port0 + 2),  # nobody there: drops
                metrics_port=-1, crops_hwm=8)
     ready, stop, out = mpc.Event(), mpc.Event(), mpc.Queue()
     worker = mpc.Process(target=worker_process, args=(cfg, ready, stop, out),

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leukoflow.core.transport import LOOPBACK, free_tcp_port
 from leukoflow.inference.backends.onnx_cpu import default_cache_dir
 
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
@@ -202,13 +202,6 @@ def server_env(dist: ServerDist, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class TritonServer:
     """One ``tritonserver`` process serving a model repository on ``host``.
@@ -234,7 +227,7 @@ class TritonServer:
 
     repo: str | Path
     config_name: str | None = None
-    host: str = "127.0.0.1"
+    host: str = LOOPBACK
     http_port: int = 0
     grpc_port: int = 0
     metrics_port: int = 0
@@ -248,9 +241,9 @@ class TritonServer:
         self.dist = self.dist or find_server()
         if self.config_name is None:
             self.config_name = "" if self.dist.has_onnxruntime else "python"
-        self.http_port = self.http_port or free_port(self.host)
-        self.grpc_port = self.grpc_port or free_port(self.host)
-        self.metrics_port = self.metrics_port or free_port(self.host)
+        self.http_port = self.http_port or free_tcp_port(self.host)
+        self.grpc_port = self.grpc_port or free_tcp_port(self.host)
+        self.metrics_port = self.metrics_port or free_tcp_port(self.host)
         if self.log_path is None:
             fd, p = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)

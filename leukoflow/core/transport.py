@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -46,6 +47,16 @@ DEFAULT_METRICS_BASE_PORT = 9101
 def tcp_endpoint(port: int, host: str = LOOPBACK) -> str:
     """``tcp://host:port`` (loopback by default)."""
     return f"tcp://{host}:{int(port)}"
+
+
+def free_tcp_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on ``host`` now (the kernel's pick for port 0).
+
+    For tests, benchmarks and local launchers: another process may take it before it is used.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def loopback_endpoints(base_port: int = DEFAULT_BASE_PORT) -> dict[str, str]:
