@@ -14,11 +14,9 @@ import typer
 
 from leukoflow.cli.options import ConfigOptions
 
-ACQUIRE = ConfigOptions(
-    "leukoflow.acquisition.service:AcquireConfig", "acquire",
-    flags={"duration_s": "--duration", "rate_hz": "--rate"},
-    extra={"frames": {"min": 0}, "duration_s": {"min": 0.0}, "rate_hz": {"min": 0.0},
-           "metrics_port": {"min": 0, "max": 65535}})
+#: value ranges are checked where they are declared (leukoflow.core.config.validate)
+ACQUIRE = ConfigOptions("leukoflow.acquisition.service:AcquireConfig", "acquire",
+                        flags={"duration_s": "--duration", "rate_hz": "--rate"})
 
 
 def acquire(

@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-BENCHMARKS = ("sim", "reconstruct", "acquire", "transport", "infer", "models", "explain", "e2e")
+BENCHMARKS = ("sim", "reconstruct", "acquire", "transport", "infer", "models", "explain", "e2e",
+              "triton")
 
 
 def load_benchmark(name: str):
@@ -59,35 +60,36 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def bench(
+    which: Annotated[str, typer.Argument(help=f"one of {', '.join(BENCHMARKS)}, or all")
+                     ] = "all",
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes (smoke run).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Run benchmarks: each stage beside its baseline, in one run, with the ratio."""
+    names = BENCHMARKS if which == "all" else (which,)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        typer.echo(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}",
+                   err=True)
+        raise typer.Exit(2)
+    results = {}
+    failed = False
+    for name in names:
+        try:
+            results[name] = load_benchmark(name).run(quick=quick)
+        except Exception as exc:  # report and go on with the others
+            failed = True
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            typer.echo(f"bench {name} failed: {exc}", err=True)
+            continue
+        if not as_json:
+            print_rows(name, results[name])
+    if as_json:
+        typer.echo(json.dumps(results, indent=2, default=str))
+    raise typer.Exit(1 if failed else 0)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``bench`` to ``app``."""
-
-    @app.command("bench")
-    def bench(
-        which: Annotated[str, typer.Argument(help=f"one of {', '.join(BENCHMARKS)}, or all")
-                         ] = "all",
-        quick: Annotated[bool, typer.Option("--quick", help="Small sizes (smoke run).")] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    ) -> None:
-        """Run benchmarks: each stage beside its baseline, in one run, with the ratio."""
-        names = BENCHMARKS if which == "all" else (which,)
-        unknown = [n for n in names if n not in BENCHMARKS]
-        if unknown:
-            typer.echo(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}",
-                       err=True)
-            raise typer.Exit(2)
-        results = {}
-        failed = False
-        for name in names:
-            try:
-                results[name] = load_benchmark(name).run(quick=quick)
-            except Exception as exc:  # report and go on with the others
-                failed = True
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                typer.echo(f"bench {name} failed: {exc}", err=True)
-                continue
-            if not as_json:
-                print_rows(name, results[name])
-        if as_json:
-            typer.echo(json.dumps(results, indent=2, default=str))
-        raise typer.Exit(1 if failed else 0)
+    app.command("bench")(bench)

@@ -104,6 +104,8 @@ def _show_default(value: Any) -> str:
         return "none"
     if value == "":
         return "(empty)"
+    if isinstance(value, float):
+        return f"{value:.6g}"
     return str(value)
 
 
@@ -200,7 +202,12 @@ class ConfigOptions:
                 text = (f"{text} (sets {name} {_show_default(sets)}; default "
                         f"{_show_default(default)})")
             out.append(OptionSpec(name, decls, typ, default, text.strip(), extra, sets))
-        return out
+        # the help names the other options (snake_case field names) by their flags
+        flag = {o.name: o.decls[0].split("/")[0] for o in out if "_" in o.name}
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, flag)) + r")\b")
+        return [dataclasses.replace(o, help=pattern.sub(
+            lambda m, me=o.name: m.group(0) if m.group(0) == me else flag[m.group(0)],
+            o.help)) for o in out] if flag else out
 
     def parameters(self) -> list[Any]:
         """Typer/Click parameters of the generated options (built through Typer itself)."""
@@ -227,8 +234,7 @@ class ConfigOptions:
     @property
     def panel(self) -> str:
         """Help panel of the generated options (where else they can be set)."""
-        return (f"Configuration (also TOML table '{self.section}', "
-                f"env LEUKOFLOW_{self.section.upper()}_<NAME>)")
+        return f"Config (TOML table {self.section}, LEUKOFLOW_{self.section.upper()}_*)"
 
     # ------------------------------------------------------------------ commands
     def command_class(self) -> type:
