@@ -292,3 +292,50 @@ def test_worker_survives_a_triton_restart_with_every_cell_accounted(artifact, re
         assert (np.array([classified[i] for i in ids]) == names[ids]).all()
     finally:
         srv.stop()
+
+
+def test_cli_export_triton_follows_the_workers_batching(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from leukoflow.cli import app
+
+    monkeypatch.setenv("LEUKOFLOW_INFER_MAX_BATCH", "16")
+    monkeypatch.setenv("LEUKOFLOW_INFER_MAX_DELAY_MS", "0.5")
+    monkeypatch.setenv("LEUKOFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    r = CliRunner().invoke(app, ["export", "--triton", str(tmp_path / "repo"), "--model",
+                                 MODEL, "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["export"]["max_batch"] == 16 and res["export"]["served_max_batch"] == 32
+    text = (tmp_path / "repo" / MODEL / "config.pbtxt").read_text()
+    assert _pbtxt_value(text, "preferred_batch_size") == ["[ 16, 32 ]"]
+    assert _pbtxt_value(text, "max_queue_delay_microseconds") == ["500"]
+    r = CliRunner().invoke(app, ["export"])
+    assert r.exit_code == 2 and "--triton" in r.output
+
+
+def test_the_dashboards_triton_series_exist_on_a_real_server(server, artifact):
+    """Every Triton series the Grafana row and the alerts use is exported by Triton (the CPU
+    ones here; GPU ones only exist on GPU hosts)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "tools" / "monitoring_queries.py"
+    spec = importlib.util.spec_from_file_location("monitoring_queries", path)
+    mq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mq)
+    be = _triton(artifact, server)
+    be.infer(synthetic_crops(8, artifact.input_size, seed=1))
+    be.close()
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    names = {ln.split("{")[0].split()[0] for ln in text.splitlines()
+             if ln and not ln.startswith("#")}
+    assert mq.TRITON_SERIES <= names, sorted(mq.TRITON_SERIES - names)
+    used = set()
+    for _d, _t, expr in mq.all_queries():
+        used |= mq.metric_names(expr) & (mq.TRITON_SERIES | mq.TRITON_GPU_SERIES)
+    for rule in mq.alert_rules().values():
+        used |= mq.metric_names(rule["expr"]) & mq.TRITON_SERIES
+    assert {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
+            "nv_inference_exec_count", "nv_inference_request_success",
+            "nv_inference_request_failure"} <= used

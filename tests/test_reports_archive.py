@@ -154,3 +154,26 @@ def test_fast_replay_on_an_existing_cluster_reproduces_the_recorded_decisions(re
     ref = validate_archive([str(p) for p in paths], scheduler=None, n_workers=1, n_boot=200)
     np.testing.assert_array_equal(res["pooled"]["classification"]["confusion_matrix"],
                                   ref["pooled"]["classification"]["confusion_matrix"])
+
+
+def test_cli_validate_and_fast_replay_many(recordings, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from leukoflow.cli import app
+
+    root, paths = recordings
+    runner = CliRunner()
+    r = runner.invoke(app, ["replay", "--fast", str(root / "rec*.rtdc"), "--model",
+                            "lenet5-sim", "--json", "--html", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["mode"] == "fast-replay" and res["failed"] == 0
+    assert [row["identical_decisions"] == row["compared"] for row in res["recordings"]] == \
+        [True] * len(paths)
+    assert (tmp_path / "rep" / "index.html").is_file()
+    r = runner.invoke(app, ["validate", str(paths[0]), str(tmp_path / "missing.rtdc")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = runner.invoke(app, ["replay", str(paths[0]), str(paths[1])])
+    assert r.exit_code == 2 and "--fast" in r.output

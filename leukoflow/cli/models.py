@@ -188,7 +188,15 @@ def evaluate(
 
 
 def export(
-    out: Annotated[Path, typer.Option("--out", help="Output .onnx file.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output .onnx file.")] = None,
+    triton: Annotated[Path | None, typer.Option(
+        "--triton", help="Write a Triton Inference Server model repository entry into this "
+        "folder (ONNX, config.pbtxt for CPU/GPU/python/TensorRT, the card beside it); "
+        "dynamic batching follows the workers' [infer] max_batch and max_delay_ms.")] = None,
+    triton_max_batch: Annotated[int, typer.Option(
+        help="Triton max_batch_size (0 = 2 x the workers' max_batch).")] = 0,
+    instances: Annotated[int, typer.Option(help="Triton model instances (CPU; per GPU).")
+                         ] = 1,
     model: Annotated[str, typer.Option("--model", help="Artifact folder or shipped name.")
                      ] = "lenet5-sim",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
@@ -204,10 +212,18 @@ def export(
                           ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Export to ONNX (dynamic batch), verify with ONNX Runtime, optionally TensorRT."""
+    """Export to ONNX (dynamic batch), verify with ONNX Runtime, optionally TensorRT; or
+    (--triton REPO) a Triton model repository entry."""
     from leukoflow.models.artifact import ArtifactError, load_artifact
     from leukoflow.models.export import ExportError, export_artifact
 
+    if triton is not None:
+        _export_triton(triton, model, triton_max_batch, instances, tensorrt, precision,
+                       as_json)
+        return
+    if out is None:
+        typer.echo("export: give --out FILE.onnx or --triton REPO", err=True)
+        raise typer.Exit(2)
     try:
         art = load_artifact(model)
         res = export_artifact(art, out, opset=opset, verify=verify)
@@ -237,6 +253,39 @@ def export(
         if "tensorrt" in res:
             typer.echo(f"TensorRT engine {res['tensorrt']['engine']} "
                        f"({res['tensorrt']['precision']})")
+
+
+def _export_triton(repo: Path, model: str, triton_max_batch: int, instances: int,
+                   tensorrt: bool, precision: str, as_json: bool) -> None:
+    """``export --triton REPO`` (see :mod:`leukoflow.inference.triton_repo`)."""
+    from leukoflow.core.config import resolve
+    from leukoflow.inference.triton_repo import (
+        TritonExportConfig,
+        TritonExportError,
+        export_triton,
+    )
+    from leukoflow.inference.worker import SECTION, InferConfig
+    from leukoflow.models.artifact import ArtifactError, load_artifact
+
+    try:
+        infer = resolve(SECTION, InferConfig)
+        cfg = TritonExportConfig(max_batch=infer.max_batch, max_delay_ms=infer.max_delay_ms,
+                                 triton_max_batch=triton_max_batch, cpu_instances=instances,
+                                 gpu_instances=instances, threads=infer.threads,
+                                 tensorrt="on" if tensorrt else "auto", precision=precision)
+        res = export_triton(load_artifact(model), repo, cfg)
+    except (ArtifactError, TritonExportError, ValueError, OSError) as exc:
+        typer.echo(f"export: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    typer.echo(f"wrote {repo / res['model']} ({', '.join(res['configs'].values())}); "
+               f"TensorRT plan: {'built' if res['tensorrt'].get('built') else 'no'}")
+    typer.echo(f"  serve: tritonserver --model-repository={repo} [--model-config-name="
+               "gpu|python|tensorrt]")
+    typer.echo(f"  workers: leukoflow infer --backend triton --model {repo / res['model']}/"
+               "artifact (LEUKOFLOW_TRITON_URL=host:8001)")
 
 
 def register(app: typer.Typer) -> None:

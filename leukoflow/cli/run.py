@@ -50,6 +50,11 @@ def _print_summary(s: dict) -> None:
                f"{acc.get('ood', 0)}, rejected {acc.get('rejected_total', 0)}, dropped "
                f"{acc.get('dropped_total', 0)} "
                f"({'balanced' if acc.get('balanced') else 'NOT balanced'})")
+    validity = s.get("validity") or {}
+    for reason in validity.get("reasons", []):
+        typer.echo(f"  DIFFERENTIAL NOT VALID: {reason}")
+    for warning in validity.get("warnings", []):
+        typer.echo(f"  WARNING: {warning}")
     for name, c in s.get("differential", {}).items():
         if c.get("fraction") is not None:
             typer.echo(f"  {name:11s} {100 * c['fraction']:5.1f} %  "
@@ -138,8 +143,8 @@ def record(
 
 def replay(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="Recording (.rtdc) to replay.",
-                                         exists=True, dir_okay=False)],
+    files: Annotated[list[str], typer.Argument(
+        help="Recording (.rtdc) to replay; with --fast: several, or glob patterns.")],
     realtime: Annotated[bool, typer.Option(
         "--realtime", help="Replay at the recorded pace.")] = False,
     rate: Annotated[float | None, typer.Option(
@@ -148,16 +153,40 @@ def replay(
         "--explain/--no-explain", help="Start the explainer.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")
                         ] = False,
+    fast: Annotated[bool, typer.Option(
+        "--fast", help="No pipeline: run the model on the recorded crops (one Dask task "
+        "per recording), compare with the recorded decisions, validate against labels.")
+    ] = False,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="With --fast: Dask scheduler ('local' or tcp://host:8786).")
+    ] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="With --fast: write the validation report here.")] = None,
 ) -> None:
     """Replay a recording through the pipeline and compare with the recorded decisions.
 
     Crop recordings go straight into inference; raw-hologram recordings (qpi_oah)
-    through acquisition. Default pace: as fast as possible.
+    through acquisition. Default pace: as fast as possible. --fast: many crop recordings
+    on Dask, model only (see ``validate``).
     """
     from leukoflow.run.liveview import LiveView, want_live_view
     from leukoflow.run.orchestrate import compact_summary, run_pipeline
     from leukoflow.run.replay import compare_decisions, recording_kind
 
+    if fast:
+        o = REPLAY.resolve(ctx)
+        backend = o.backend if o.backend not in ("", "auto") else "onnxruntime"
+        _archive("fast-replay", files, scheduler, None, html, json_out,
+                 model=o.model or None, backend=backend)
+        return
+    if len(files) != 1 or scheduler:
+        typer.echo("leukoflow replay: one recording through the pipeline; several (or "
+                   "--scheduler) need --fast", err=True)
+        raise typer.Exit(2)
+    file = Path(files[0])
+    if not file.is_file():
+        typer.echo(f"leukoflow replay: recording not found: {file}", err=True)
+        raise typer.Exit(2)
     if realtime and rate:
         typer.echo("leukoflow replay: use --realtime or --rate, not both", err=True)
         raise typer.Exit(2)
@@ -223,20 +252,32 @@ def replay_publish(
 
 
 def validate(
-    file: Annotated[Path, typer.Argument(help="Labelled recording (.rtdc).",
-                                         exists=True, dir_okay=False)],
+    files: Annotated[list[str], typer.Argument(
+        help="Labelled recordings (.rtdc): paths or glob patterns ('runs/*/run.rtdc').")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     html: Annotated[Path | None, typer.Option(
         "--html", help="Write an HTML report (folder, or a .html file).")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Dask scheduler for many recordings: 'local' (a local cluster "
+        "sized to this machine; the default with several recordings) or tcp://host:8786.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Workers of a local Dask cluster (default: the cores).")] = None,
 ) -> None:
-    """Compare a recording's predictions with its labels.
+    """Compare recordings' predictions with their labels.
 
     Confusion matrix, per-class precision/recall/F1, differential error per class [pp],
-    calibration (ECE, 15 bins; reliability diagram), OOD rejection rates.
+    calibration (ECE, 15 bins; reliability diagram), OOD rejection rates. Several recordings
+    (or --scheduler): one Dask task each, per-recording rows and pooled numbers with
+    intervals.
     """
     from leukoflow.reports.report import write_validation_report as write_html
     from leukoflow.reports.validate import validate_recording
 
+    if len(files) > 1 or scheduler or any(c in files[0] for c in "*?["):
+        _archive("validate", files, scheduler, workers, html, json_out)
+        return
+    file = Path(files[0])
     try:
         res = validate_recording(file)
     except (ValueError, OSError, KeyError) as exc:
@@ -261,6 +302,51 @@ def validate(
                f"{ood['false_rejection_rate']}")
     if html is not None:
         typer.echo(f"  report: {res['html']}")
+
+
+def _archive(mode: str, files: list[str], scheduler: str | None, workers: int | None,
+             html: Path | None, json_out: bool, model: str | None = None,
+             backend: str = "onnxruntime") -> None:
+    """Many recordings on Dask (:mod:`leukoflow.reports.archive`): print and report."""
+    from leukoflow.reports.archive import validate_archive, write_archive_report
+
+    cmd = "validate" if mode == "validate" else "replay --fast"
+    try:
+        res = validate_archive(files, scheduler=scheduler, mode=mode, model=model,
+                               backend=backend, n_workers=workers)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        typer.echo(f"leukoflow {cmd}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if html is not None:
+        res["html"] = str(write_archive_report(res, html))
+    if json_out:
+        _echo_json({k: v for k, v in res.items() if k != "results"})
+    else:
+        cl = res["cluster"]
+        typer.echo(f"{len(res['recordings'])} recordings on Dask ({cl['scheduler']}, "
+                   f"{cl['workers']} workers, {cl['seconds']:.1f} s); {res['failed']} failed")
+        for r in res["recordings"]:
+            if r["status"] != "ok":
+                typer.echo(f"  {Path(r['file']).name}: ERROR {r['error']}")
+                continue
+            extra = (f", {r['identical_decisions']}/{r['compared']} identical decisions"
+                     if "compared" in r else "")
+            typer.echo(f"  {Path(r['file']).name}: accuracy {r['accuracy']}, max |error| "
+                       f"{r['max_abs_error_pp']} pp{extra}")
+        p = res["pooled"]
+        if p.get("recordings"):
+            typer.echo(f"pooled over {p['recordings']} recordings: accuracy "
+                       f"{p['classification']['accuracy']:.4f}")
+            for name, v in p["differential"]["classes"].items():
+                lo, hi = v["error_pp_ci95"]
+                if v["error_pp"] is not None:
+                    typer.echo(f"  {name:11s} error {v['error_pp']:+.2f} pp (95 % "
+                               f"{lo if lo is None else round(lo, 2)}, "
+                               f"{hi if hi is None else round(hi, 2)})")
+        if html is not None:
+            typer.echo(f"  report: {res['html']}")
+    if res["failed"]:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
