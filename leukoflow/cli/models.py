@@ -48,13 +48,13 @@ def _summary(card_or_report: dict) -> str:
 
 def train(
     data: Annotated[str, typer.Option("--data", help="Dataset: .rtdc, .npz (PBC layout or "
-                                      "x/y) or 'sim[:n_per_class[:ood_per_kind]]'.")],
+                                      "x/y) or sim[:N[:K]] (N cells per class, K per OOD kind).")],
     out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")],
     arch: Annotated[str, typer.Option("--arch", help="lenet5, alexnet or lenet5_vi.")
                     ] = "lenet5",
     arch_kwarg: Annotated[list[str] | None, typer.Option(
-        "--arch-kwarg", help="Architecture keyword KEY=VALUE (repeatable), "
-                             "e.g. width=0.25.")] = None,
+        "--arch-kwarg", metavar="KEY=VALUE", help="Architecture keyword (repeatable), "
+        "e.g. width=0.25.")] = None,
     seed: Annotated[int, typer.Option(help="Training seed (weights, order, augmentation).")
                     ] = 0,
     data_seed: Annotated[int, typer.Option(help="Seed of the split / simulator.")] = 0,
@@ -68,8 +68,8 @@ def train(
     max_shift: Annotated[int, typer.Option(help="Augmentation max shift (px).")] = 3,
     ood: Annotated[str, typer.Option(help="OOD detector stored in the card.")] = "knn",
     descriptors: Annotated[str, typer.Option(
-        help="Physical phase descriptors for OOD (models.descriptors): auto (on for "
-             "phase crops in rad with a pixel size), on or off.")] = "auto",
+        help="Physical phase descriptors for OOD: auto (on for phase crops in rad with a "
+             "pixel size), on or off.")] = "auto",
     knn_bank: Annotated[int, typer.Option(help="KNN feature bank size (cells).")] = 1000,
     alpha: Annotated[float, typer.Option(help="ID fraction allowed above OOD threshold.")
                      ] = 0.05,
@@ -80,7 +80,8 @@ def train(
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for intervals.")] = 1000,
     no_weights: Annotated[bool, typer.Option("--no-weights",
                                              help="Write the card only.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")
+                           ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")
                        ] = False,
 ) -> None:
@@ -106,7 +107,7 @@ def train(
         card = build_artifact(
             data, out, arch, _parse_kwargs(arch_kwarg), cfg, ood_detector=ood,
             alpha=alpha, confidence_threshold=confidence_threshold,
-            data_seed=data_seed, n_boot=n_boot, progress=progress,
+            data_seed=data_seed, n_boot=n_boot, progress=not no_progress,
             command="leukoflow " + " ".join(sys.argv[1:]), ship_weights=not no_weights,
             detector_params={"knn": {"bank_size": knn_bank}},
             descriptors={"auto": None, "on": True, "off": False}[descriptors])

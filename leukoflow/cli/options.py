@@ -278,10 +278,9 @@ def _with_options(base: type, options: ConfigOptions) -> type:
                 own = {p.name for p in self.params}
                 own_flags = {o for p in self.params for o in (*p.opts, *p.secondary_opts)}
                 for p in gen:
-                    clash = ({p.name} & own) or (set(p.opts) | set(p.secondary_opts)) & own_flags
-                    if clash:
-                        raise ValueError(f"{options.target}: option {sorted(clash)} also "
-                                         f"declared by the command {self.name!r}")
+                    if p.name in own or (set(p.opts) | set(p.secondary_opts)) & own_flags:
+                        raise ValueError(f"{options.target}: field {p.name!r} ({p.opts[0]}) "
+                                         f"is also an option of the command {self.name!r}")
                 self._generated = gen
                 self._sets = {sp.name: sp.sets for sp in options.specs()}
                 self.params = [*self.params, *gen]
