@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 
 from leukoflow.core import transport, wire
-from leukoflow.core.config import as_dict
+from leukoflow.core.config import as_dict, bounded
 from leukoflow.core.service import (
     ServiceScaffold,
     control_message,
@@ -105,6 +105,8 @@ class InferConfig:
         Seed of that random sample.
     metrics_host, metrics_port : str, int
         HTTP endpoint of /metrics, /healthz, /readyz; port -1 disables, 0 picks a free one.
+    allow_remote : bool
+        Serve the metrics on a non-loopback ``metrics_host`` (opt-in, like ZeroMQ binds).
     heartbeat_s : float
         Interval of heartbeat messages with the cumulative totals [s].
     cache_dir : str
@@ -115,8 +117,8 @@ class InferConfig:
 
     model: str = "lenet5-sim"
     backend: str = "auto"
-    max_batch: int = 256
-    max_delay_ms: float = 2.0
+    max_batch: int = bounded(256, 1, 65536)
+    max_delay_ms: float = bounded(2.0, 0.0, 60_000.0)
     threads: int = 1
     precision: str = "fp16"
     cpu_pipeline: bool = True
@@ -132,7 +134,8 @@ class InferConfig:
     explain_seed: int = 0
     metrics_host: str = transport.LOOPBACK
     metrics_port: int = transport.DEFAULT_METRICS_PORTS["infer"]
-    heartbeat_s: float = 1.0
+    allow_remote: bool = False
+    heartbeat_s: float = bounded(1.0, 0.01, 3600.0)
     cache_dir: str = ""
     warmup: bool = True
 

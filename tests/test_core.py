@@ -30,7 +30,7 @@ class _Cfg:
 def test_config_precedence(tmp_path: Path) -> None:
     toml = {"infer": {"max_batch": 64, "backend": "onnxruntime"}}
     env = {"LEUKOFLOW_INFER_MAX_BATCH": "128", "LEUKOFLOW_INFER_FP16": "yes",
-           "LEUKOFLOW_INFER_BUCKET_SIZES": "1,4,16", "LEUKOFLOW_OTHER_MAX_BATCH": "3"}
+           "LEUKOFLOW_INFER_BUCKET_SIZES": "1,4,16", "LEUKOFLOW_COLLECTOR_HWM": "3"}
     cfg = config.resolve("infer", _Cfg, {"max_delay_ms": 5, "backend": None},
                          toml=toml, env=env)
     assert cfg.max_batch == 128            # env beats TOML

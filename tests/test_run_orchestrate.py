@@ -71,7 +71,7 @@ def test_supervisor_does_not_restart_clean_exit_and_stops_gracefully(tmp_path) -
 
 
 def test_port_layout_and_child_commands(tmp_path) -> None:
-    opts = RunOptions(workers=3, record=str(tmp_path / "r.rtdc"), run_id="x")
+    opts = RunOptions(workers=3, record=str(tmp_path / "r.rtdc"), run_id="x", transport="tcp")
     assert opts.metrics_ports() == {"acquire": 9101, "infer": 9102, "explain": 9103,
                                     "collector": 9104}
     assert [worker_metrics_port(opts, i) for i in range(3)] == [9102, 9112, 9113]
@@ -83,7 +83,7 @@ def test_port_layout_and_child_commands(tmp_path) -> None:
     assert "tcp://127.0.0.1:5559" in specs["infer-1"].argv
     assert specs["source"].env["LEUKOFLOW_ACQUIRE_CROPS_ENDPOINT"] == "tcp://127.0.0.1:5555"
     assert specs["explain"].env["LEUKOFLOW_EXPLAIN_METRICS_PORT"] == "9103"
-    moved = RunOptions(zmq_base_port=20000, metrics_base_port=30000)
+    moved = RunOptions(zmq_base_port=20000, metrics_base_port=30000, transport="tcp")
     assert moved.endpoints()["collector"] == "tcp://127.0.0.1:20001"
     assert moved.metrics_ports()["collector"] == 30003
 

@@ -9,11 +9,25 @@ sources on top::
 * TOML: the file named by ``--config`` (stored in ``LEUKOFLOW_CONFIG``), table ``[infer]``.
 * Environment: ``LEUKOFLOW_INFER_MAX_BATCH=128`` (section and key upper-cased).
 * CLI: a mapping of flag values; ``None`` means "not given".
+
+Nonsense is refused with a :class:`ConfigError` naming the setting:
+
+* an unknown key in a TOML table, an unknown ``LEUKOFLOW_<SECTION>_<KEY>`` of the section
+  being resolved, and any ``LEUKOFLOW_*`` variable that is neither a setting of a known
+  section (:data:`SECTIONS`) nor one of the global variables (:data:`GLOBAL_ENV`);
+* NaN or infinite numbers, and numbers outside a field's range: declared with
+  :func:`bounded` (``metadata={"range": (lo, hi)}``), else by the unit suffix of the name
+  (:data:`SUFFIX_RANGES`: ports, durations, rates, sizes);
+* a non-loopback ``metrics_host`` without the section's ``allow_remote`` opt-in (remote
+  metrics, like remote ZeroMQ endpoints, must be asked for).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import ipaddress
+import math
 import os
 import tomllib
 import types
@@ -26,6 +40,45 @@ T = TypeVar("T")
 
 ENV_PREFIX = "LEUKOFLOW_"
 CONFIG_ENV = "LEUKOFLOW_CONFIG"
+
+#: Configuration sections (TOML tables, ``LEUKOFLOW_<SECTION>_`` infixes). A new section is
+#: added here (tests/test_config_validation.py checks every ``resolve`` call in the code).
+SECTIONS: frozenset[str] = frozenset({
+    "acquire", "acquire_pipeline", "infer", "explain", "collector", "run", "simulate",
+    "reconstruct", "qc", "drift", "triton",
+})
+#: ``LEUKOFLOW_*`` variables that are not section settings (read directly where noted).
+GLOBAL_ENV: frozenset[str] = frozenset({
+    "LEUKOFLOW_CONFIG",          # TOML file (--config)
+    "LEUKOFLOW_LOG_LEVEL",       # --log-level
+    "LEUKOFLOW_KEYS",            # CurveZMQ key folder (leukoflow.core.curve)
+    "LEUKOFLOW_CACHE_DIR",       # ONNX/TensorRT export cache (inference backends)
+    "LEUKOFLOW_SIM_CACHE",       # simulated training data cache (models.data)
+    "LEUKOFLOW_SIM_WORKERS",     # processes simulating training data (models.data)
+    "LEUKOFLOW_DRIFT_CACHE",     # drift reference cache (models.drift_reference)
+    "LEUKOFLOW_TRITONSERVER",    # Triton server binary (inference.triton_server)
+    "LEUKOFLOW_TRITON_CONFIG",   # Triton benchmark configuration (benchmarks/bench_triton)
+    "LEUKOFLOW_IMAGE",           # container images (deploy/compose*.yaml)
+    "LEUKOFLOW_CUDA_IMAGE",
+    "LEUKOFLOW_SUPERVISOR_PID",  # parent of a supervised child (leukoflow.core.lifeline)
+})
+#: Range [lo, hi] (None: open) of numeric fields without a declared range, by name suffix.
+SUFFIX_RANGES: tuple[tuple[str, tuple[float | None, float | None]], ...] = (
+    ("_port", (-1, 65535)),
+    ("_s", (0, None)), ("_ms", (0, None)), ("_hz", (0, None)),
+    ("_bytes", (0, None)), ("hwm", (0, None)),
+)
+#: metadata key of a declared range
+RANGE = "range"
+
+
+def bounded(default: Any, lo: float | None = None, hi: float | None = None,
+            **kwargs: Any) -> Any:
+    """A dataclass field whose numbers (or each number of a tuple) lie in [lo, hi].
+
+    ``max_delay_ms: float = bounded(2.0, 0.0, 60_000.0)``
+    """
+    return dataclasses.field(default=default, metadata={RANGE: (lo, hi)}, **kwargs)
 
 
 class ConfigError(ValueError):
@@ -65,6 +118,10 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError("a number is required, not a boolean")
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("an integer is required")
         if typ in (int, float, str):
             return typ(value)
         if origin in (tuple, list):
@@ -115,17 +172,102 @@ def resolve(
         raise ConfigError(f"unknown keys in [{section}]: {', '.join(sorted(unknown))}")
     values.update(table)
     env = os.environ if env is None else env
+    check_environment(env, extra_sections=(section,))
     prefix = f"{ENV_PREFIX}{section.upper()}_"
     for key, raw in env.items():
-        if key.startswith(prefix):
+        if key.startswith(prefix) and _section_of(key, (section,)) == section:
             name = key[len(prefix):].lower()
-            if name in fields:
-                values[name] = raw
+            if name not in fields:
+                raise ConfigError(f"unknown setting {key}{_suggest(name, fields, prefix)}")
+            values[name] = raw
     for name, val in (cli or {}).items():
         if val is not None and name in fields:
             values[name] = val
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    validate(cfg, section)
+    return cfg
+
+
+def _section_of(key: str, extra: tuple[str, ...] = ()) -> str | None:
+    """The longest known section whose ``LEUKOFLOW_<SECTION>_`` prefixes ``key``."""
+    best = None
+    for s in (*SECTIONS, *extra):
+        if key.startswith(f"{ENV_PREFIX}{s.upper()}_") and (best is None or len(s) > len(best)):
+            best = s
+    return best
+
+
+def _suggest(name: str, candidates: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0].upper() if prefix else close[0]}?)" if close else ""
+
+
+def check_environment(env: Mapping[str, str] | None = None,
+                      extra_sections: tuple[str, ...] = ()) -> None:
+    """Refuse ``LEUKOFLOW_*`` variables that belong to no known section nor :data:`GLOBAL_ENV`.
+
+    A misspelt variable would otherwise be ignored silently.
+    """
+    env = os.environ if env is None else env
+    for key in env:
+        if not key.startswith(ENV_PREFIX) or key in GLOBAL_ENV:
+            continue
+        if _section_of(key, extra_sections) is None:
+            bare = key[len(ENV_PREFIX):]
+            rest = bare.split("_", 1)[1] if "_" in bare else ""
+            known = [f"{s.upper()}_{rest}" for s in (*SECTIONS, *extra_sections)]
+            known += [g[len(ENV_PREFIX):] for g in GLOBAL_ENV]
+            raise ConfigError(f"unknown setting {key}: not a LEUKOFLOW_<SECTION>_<KEY> of "
+                              f"the sections {', '.join(sorted(SECTIONS))} nor a global "
+                              f"variable{_suggest(bare, known, ENV_PREFIX)}")
+
+
+def _range_of(f: dataclasses.Field) -> tuple[float | None, float | None] | None:
+    if RANGE in f.metadata:
+        return f.metadata[RANGE]
+    for suffix, rng in SUFFIX_RANGES:
+        if f.name.endswith(suffix):
+            return rng
+    return None
+
+
+def _check_number(v: Any, name: str, rng: tuple[float | None, float | None] | None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, tuple | list):
+            for x in v:
+                _check_number(x, name, rng)
+        return
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} = {v!r}: a finite number is required")
+    if rng is not None:
+        lo, hi = rng
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{name} = {v!r} is outside its range "
+                              f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(cfg: Any, section: str = "") -> None:
+    """Check a config dataclass: finite numbers in range, remote metrics only when opted in.
+
+    :func:`resolve` calls it; services built from a hand-made config may call it too.
+    """
+    where = f"{section}." if section else ""
+    for f in dataclasses.fields(cfg):
+        _check_number(getattr(cfg, f.name), f"{where}{f.name}", _range_of(f))
+    host = getattr(cfg, "metrics_host", None)
+    if isinstance(host, str) and host and not _is_loopback(host) and not getattr(
+            cfg, "allow_remote", False):
+        raise ConfigError(f"{where}metrics_host = {host!r} is not loopback: /metrics and "
+                          f"/status would be open to the network; set {where}allow_remote "
+                          "= true to ask for it")
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:

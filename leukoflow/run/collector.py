@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core import jsonutil, transport, wire
+from leukoflow.core.config import bounded
 from leukoflow.core.jsonutil import atomic_write_json
 from leukoflow.core.metrics import ServiceMetrics
 from leukoflow.core.service import ServiceScaffold, heartbeat_message
@@ -502,6 +503,9 @@ class CollectorConfig:
         Port of ``/metrics``, ``/healthz``, ``/readyz`` (0: pick a free one).
     metrics_host : str
         Bind address of the metrics server.
+    allow_remote : bool
+        Bind the ZeroMQ endpoints and the metrics server to a non-loopback address (the
+        endpoints then need CurveZMQ keys, ``LEUKOFLOW_KEYS``).
     run_dir : str
         Folder for ``cells.bin``, ``collector_state.json`` and ``summary.json``.
     run_id : str
@@ -532,15 +536,16 @@ class CollectorConfig:
     live: str = transport.DEFAULT_ENDPOINTS["live"]
     metrics_port: int = transport.DEFAULT_METRICS_PORTS["collector"]
     metrics_host: str = transport.LOOPBACK
+    allow_remote: bool = False
     run_dir: str = "runs/latest"
     run_id: str = ""
     record: str = ""
     tap_in: str = ""
     tap_out: str = ""
     drain_timeout_s: float = 5.0
-    publish_interval_s: float = 0.25
-    flush_interval_s: float = 0.5
-    record_flush_s: float = 1.0
+    publish_interval_s: float = bounded(0.25, 0.01, 3600.0)
+    flush_interval_s: float = bounded(0.5, 0.01, 3600.0)
+    record_flush_s: float = bounded(1.0, 0.01, 3600.0)
     exit_on_eos: bool = True
     params_json: str = ""
     hwm: int = 1000
@@ -720,17 +725,19 @@ class Collector:
         self._setup_metrics(on_stop=(lambda _sig: self.request_stop()) if install_signals
                             else None)
         ctx = zmq.Context.instance()
+        remote = self.cfg.allow_remote
         pull = transport.make_socket(ctx, "PULL", self.cfg.results, bind=True, hwm=self.cfg.hwm,
-                                     serves="collector")
+                                     serves="collector", allow_remote=remote)
         pub = (transport.make_socket(ctx, "PUB", self.cfg.live, bind=True, hwm=100,
-                                     serves="live")
+                                     serves="live", allow_remote=remote)
                if self.cfg.live else None)
         tap_in = tap_out = None
         if self.cfg.tap_in:
             tap_in = transport.make_socket(ctx, "PULL", self.cfg.tap_in, bind=False,
                                            hwm=self.cfg.hwm, identity="collector")
             tap_out = transport.make_socket(ctx, "PUSH", self.cfg.tap_out, bind=True,
-                                            hwm=self.cfg.hwm, immediate=False, serves="tap")
+                                            hwm=self.cfg.hwm, immediate=False, serves="tap",
+                                            allow_remote=remote)
         self._open_recorder()
         live_sender = wire.Sender(self.cfg.run_id or "run", "collector")
         pending: deque[list] = deque()

@@ -64,15 +64,18 @@ class StateFeed:
         Metrics ports of the inference workers.
     scrape_interval_s : float
         Period of the ``/metrics`` scrapes [s].
+    keys : leukoflow.core.curve.KeyStore, optional
+        CurveZMQ keys (role ``viewer``); None: ``$LEUKOFLOW_KEYS`` if set.
     """
 
     def __init__(self, live_endpoint: str, metrics_ports: Mapping[str, int],
-                 worker_ports: Sequence[int] = (), scrape_interval_s: float = 1.0) -> None:
+                 worker_ports: Sequence[int] = (), scrape_interval_s: float = 1.0,
+                 keys: Any = None) -> None:
         import zmq
 
 
         self._sock = transport.make_socket(zmq.Context.instance(), "SUB", live_endpoint,
-                                           bind=False, hwm=10, identity="viewer")
+                                           bind=False, hwm=10, identity="viewer", keys=keys)
         self.metrics_ports = dict(metrics_ports)
         self.worker_ports = list(worker_ports)
         self.scrape_interval_s = scrape_interval_s

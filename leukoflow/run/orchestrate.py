@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from leukoflow.core import transport, wire
+from leukoflow.core import curve, transport, wire
+from leukoflow.core.config import bounded
 from leukoflow.core.service import StopSignals, control_message
 from leukoflow.core.vocabulary import DECISIONS
 from leukoflow.reports.report import write_run_report
@@ -325,12 +327,21 @@ class RunOptions:
         Wait this long for the services to be ready before starting the source [s].
     live : bool
         Show the live view (only on a terminal).
+    transport : str
+        ``ipc`` (default): the ZeroMQ sockets are files in a new private folder (0700, see
+        ``socket_dir``): only this user can connect. ``tcp``: loopback TCP ports from
+        ``zmq_base_port``, authenticated with CurveZMQ (keys from ``keys``).
+    keys : str
+        CurveZMQ key folder for ``transport="tcp"`` ('' = ``$LEUKOFLOW_KEYS``, else a fresh
+        key set made in ``<run folder>/keys``).
+    socket_dir : str
+        Folder of the ``ipc`` sockets ('' = a new private folder, removed after the run).
     """
 
     source: str = "sim"
     duration_s: float | None = None
     cells: int | None = None
-    workers: int = 1
+    workers: int = bounded(1, 1, 64)
     record: str = ""
     out: str = ""
     explain: bool = True
@@ -347,9 +358,19 @@ class RunOptions:
     live: bool = True
     run_id: str = ""
     extra_acquire_args: list[str] = field(default_factory=list)
+    transport: str = "ipc"
+    keys: str = ""
+    socket_dir: str = ""
 
     def endpoints(self) -> dict[str, str]:
-        """ZeroMQ endpoints of this run."""
+        """ZeroMQ endpoints of this run (``ipc`` needs :attr:`socket_dir`)."""
+        if self.transport == "ipc":
+            if not self.socket_dir:
+                raise ValueError("RunOptions.socket_dir is not set (run_pipeline makes a "
+                                 "private folder)")
+            return {n: f"ipc://{self.socket_dir}/{n}" for n in transport.ENDPOINT_ROLES}
+        if self.transport != "tcp":
+            raise ValueError(f"run.transport must be 'ipc' or 'tcp', not {self.transport!r}")
         return transport.loopback_endpoints(self.zmq_base_port)
 
     def metrics_ports(self) -> dict[str, int]:
@@ -420,19 +441,45 @@ def build_specs(opts: RunOptions, run_dir: Path) -> dict[str, ChildSpec]:
         specs["source"] = ChildSpec(
             "source", _cli("acquire", *opts.extra_acquire_args), restart=True, env=env,
             ready_url=f"http://127.0.0.1:{mp['acquire']}/healthz")
+    if opts.transport == "tcp" and opts.keys:
+        for spec in specs.values():  # every child authenticates with the run's keys
+            spec.env[curve.KEYS_ENV] = opts.keys
     return specs
+
+
+def prepare_transport(opts: RunOptions, run_dir: Path) -> curve.KeyStore | None:
+    """Make the run's ZeroMQ transport private; return the keys of a ``tcp`` run.
+
+    ``ipc``: create the private socket folder (0700) unless given, and check it.
+    ``tcp``: use ``opts.keys``, else ``$LEUKOFLOW_KEYS``, else create a key set in
+    ``<run_dir>/keys``; ``opts.keys`` is set to the folder used.
+    """
+    if opts.transport == "ipc":
+        if not opts.socket_dir:
+            opts.socket_dir = str(transport.private_ipc_folder())
+        transport.check_ipc_folder(opts.socket_dir)
+        return None
+    if opts.transport != "tcp":
+        raise ValueError(f"run.transport must be 'ipc' or 'tcp', not {opts.transport!r}")
+    folder = opts.keys or os.environ.get(curve.KEYS_ENV, "")
+    if not folder:
+        folder = str(run_dir / "keys")
+        if not (Path(folder) / "server.key").exists():
+            curve.create_keys(folder)
+    opts.keys = str(Path(folder).resolve())
+    return curve.KeyStore(opts.keys)
 
 
 class _Notifier:
     """PUSH control messages (restarts, stop) from the supervisor to the collector."""
 
-    def __init__(self, endpoint: str, run_id: str) -> None:
+    def __init__(self, endpoint: str, run_id: str, keys: Any = None) -> None:
         import zmq
 
 
         self._ctx = zmq.Context.instance()
         self._sock = transport.make_socket(self._ctx, "PUSH", endpoint, bind=False,
-                                           immediate=False, identity="supervisor")
+                                           immediate=False, identity="supervisor", keys=keys)
         self._sender = wire.Sender(run_id, "supervisor")
 
     def send(self, cmd: str, stats: dict[str, Any]) -> None:
@@ -466,16 +513,18 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
     run_dir.mkdir(parents=True, exist_ok=True)
     if opts.record:
         opts.record = str(Path(opts.record).resolve())
+    own_socket_dir = opts.transport == "ipc" and not opts.socket_dir
+    keys = prepare_transport(opts, run_dir)
     params = {"run": asdict(opts), "endpoints": opts.endpoints(),
               "metrics_ports": opts.metrics_ports()}
     (run_dir / "run_params.json").write_text(json.dumps(params, indent=1))
     specs = build_specs(opts, run_dir)
     ep = opts.endpoints()
-    notifier = _Notifier(ep["collector"], opts.run_id)
+    notifier = _Notifier(ep["collector"], opts.run_id, keys)
     sup = Supervisor(run_dir / "logs",
                      on_restart=lambda name, r: notifier.send("accounting", {"restarts": r}))
     feed = StateFeed(ep["live"], opts.metrics_ports(),
-                     [worker_metrics_port(opts, i) for i in range(opts.workers)])
+                     [worker_metrics_port(opts, i) for i in range(opts.workers)], keys=keys)
     interrupted = {"n": 0}
 
     def _on_signal(name: str) -> None:
@@ -548,6 +597,8 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         signals.restore()
         notifier.close()
         feed.close()
+        if own_socket_dir:
+            shutil.rmtree(opts.socket_dir, ignore_errors=True)
         if view is not None:
             view.stop()
         sup_rep = sup.report()
