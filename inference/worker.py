@@ -60,12 +60,17 @@ from leukoflow.inference.decision import (
 )
 from leukoflow.inference.differential import Differential
 from leukoflow.inference.routing import ROUTE_REASONS, ExplainRouter, _finite
+from leukoflow.inference.drift import FEATURES as _DRIFT_FEATURES
+from leukoflow.inference.drift import PenultimateProjection
 from leukoflow.inference.telemetry import InferMetrics, observe_many
 from leukoflow.models.artifact import load_artifact
 
 log = logging.getLogger(__name__)
 
 SECTION = "infer"
+#: Acquisition features a worker forwards with each result (drift detection).
+DRIFT_FEATURE_NAMES: tuple[str, ...] = tuple(f for f, _ in _DRIFT_FEATURES)
+
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,8 @@ class InferWorker:
         self.rule: DecisionRule = rule_from_artifact(art)
         self.differential = Differential(self.class_names)
         self.model_name = str(getattr(art, "name", cfg.model))
+        # penultimate-layer projections for the collector's drift test (card["drift"])
+        self.pen_proj = PenultimateProjection.from_card(getattr(art, "card", None) or {})
         self.batcher = DynamicBatcher(cfg.max_batch, cfg.max_delay_ms / 1e3,
                                       buckets=be.buckets)
         self.sender = wire.Sender(run="", role="infer")
@@ -431,6 +438,10 @@ class InferWorker:
             self._drain()
             self._send_results_frames(frames)
             if cmd == "eos":
+        feat = h.get("feat") or {}
+        for k in DRIFT_FEATURE_NAMES:  # acquisition features forwarded for drift detection
+            if k in feat:
+                extra[f"feat:{k}"] = np.asarray(feat[k], dtype=np.float64)
                 self._send_totals()
         elif cmd == "stop":
             log.info("control stop received")
@@ -488,8 +499,9 @@ class InferWorker:
         delivered = ok.copy()
         row = 0
         t_first = min(seg.ctx.t_recv for seg in batch.segments)
+            pen = self.pen_proj(out.features) if self.pen_proj is not None else None
         for seg in batch.segments:
-            if not self._send_segment(seg, dec, ok, row, job.t_batch, t_done):
+            if not self._send_segment(seg, dec, ok, row, job.t_batch, t_done, pen):
                 delivered[row:row + seg.n] = False
             row += seg.n
         # outcomes of the cells whose results reached the collector's socket
@@ -505,7 +517,8 @@ class InferWorker:
     def _send_segment(self, seg: Any, dec: Decisions, ok: np.ndarray, row: int, t_batch: int,
                       t_done: int) -> bool:
         """Results of one message segment; False if they could not be queued (the finite
-        cells are then rejected as ``results_backpressure``)."""
+        cells are then rejected as ``results_backpressure``). ``pen``: the batch's
+        penultimate-layer projections (drift detection), sent in the ``feat`` map."""
 
         ctx: _MsgCtx = seg.ctx
         sl = slice(row, row + seg.n)
@@ -530,7 +543,14 @@ class InferWorker:
             "classes": list(self.class_names), "model": self.model_name,
         }
         for key, arr in ctx.extra.items():
-            fields[key] = arr[cells].tolist()
+            if key.startswith("feat:"):
+                feat[key[5:]] = arr[cells].tolist()
+            else:
+                fields[key] = arr[cells].tolist()
+        if pen is not None:
+            feat.update(self.pen_proj.fields(pen[row + keep]))
+        if feat:
+            fields["feat"] = feat
         t_send = time.monotonic_ns()
         t["infer_send"] = t_send
         msg = self.sender.message("results", np.ascontiguousarray(d.probs), t=t, run=ctx.run,
@@ -538,6 +558,7 @@ class InferWorker:
         m = self.metrics
         w = np.full(1, keep.size)
         observe_many(m["leukoflow_inference_queue_duration_seconds"],
+        feat: dict[str, list[float]] = {}
                      np.array([(t_batch - ctx.t_recv) * 1e-9]), w)
         if "t_acq" in ctx.extra:
             observe_many(m["leukoflow_e2e_latency_seconds"],

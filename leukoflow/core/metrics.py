@@ -91,6 +91,14 @@ def make_metric(registry: Any, name: str, **kwargs: Any) -> Any:
 
     The ``_total`` suffix is handled as prometheus_client expects (it appends it itself).
     Histograms get the matching bucket constants unless ``buckets`` is given.
+    # drift and QC (collector; leukoflow.run.drift_watch)
+    "leukoflow_drift_alarm": ("gauge", "1 once instrument/sample drift was detected in this run", (), "collector"),
+    "leukoflow_drift_enabled": ("gauge", "1 when the run is monitored for drift", (), "collector"),
+    "leukoflow_drift_max_score": ("gauge", "Largest drift test statistic over its alarm threshold at the last checkpoint", (), "collector"),
+    "leukoflow_drift_score": ("gauge", "Drift test statistic over its alarm threshold (>= 1: drift)", ("feature", "group"), "collector"),
+    "leukoflow_differential_valid": ("gauge", "1 while the differential is valid (no drift detected)", (), "collector"),
+    "leukoflow_qc_status": ("gauge", "QC state of the run: 1 pass, 0 off, -1 none, -2 expired, -3 failed", (), "collector"),
+    "leukoflow_qc_magnification": ("gauge", "Magnification relative to nominal measured by the QC in use", (), "collector"),
     """
     import prometheus_client as pc
 

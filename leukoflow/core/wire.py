@@ -324,6 +324,19 @@ def _check_results_fields(h: Mapping, n: int, k: int | None) -> None:
 
 def validate_header(h: Any) -> str:
     """Validate a decoded header completely; return its kind.
+def _check_feat(h: Mapping, n: int) -> None:
+    """Optional ``feat`` map: name -> list of n finite numbers (at most 256 names)."""
+    feat = h.get("feat", {})
+    if not isinstance(feat, dict) or len(feat) > 256:
+        raise WireError("field_type", "feat must be a map of name -> list")
+    for name, vals in feat.items():
+        if not isinstance(name, str) or len(name) > MAX_STR:
+            raise WireError("field_type", "feat names must be short strings")
+        if not isinstance(vals, list) or len(vals) != n:
+            raise WireError("count_mismatch", f"feat[{name!r}] must have {n} entries")
+        _check_floats(vals, f"feat[{name}]")
+
+
 
     Raises
     ------
@@ -348,19 +361,12 @@ def validate_header(h: Any) -> str:
         if not all(type(b) is list and len(b) == 4 for b in bbox):
             raise WireError("field_type", "bbox entries must be [y0, x0, h, w]")
         _check_ints([v for b in bbox for v in b], "bbox", -MAX_SIDE * 64, MAX_SIDE * 64)
-        feat = h.get("feat", {})
-        if not isinstance(feat, dict) or len(feat) > 256:
-            raise WireError("field_type", "feat must be a map of name -> list")
-        for name, vals in feat.items():
-            if not isinstance(name, str) or len(name) > MAX_STR:
-                raise WireError("field_type", "feat names must be short strings")
-            if not isinstance(vals, list) or len(vals) != n:
-                raise WireError("count_mismatch", f"feat[{name!r}] must have {n} entries")
-            _check_floats(vals, f"feat[{name}]")
+        _check_feat(h, n)
     elif kind == "results":
         _check_results_fields(h, n, shape[1])
     elif kind == "explain":
         _check_results_fields(h, n, None)
+        _check_feat(h, n)  # optional: features forwarded for drift detection
         probs = _check_list(h, "probs", n)
         assert probs is not None
         k = len(h["classes"])

@@ -26,6 +26,7 @@ import numpy as np
 
 from leukoflow.core.stats import reliability_bins
 from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
+from leukoflow.reports.drift_section import drift_section, is_valid, validity_banner
 from leukoflow.reports.validate import evaluate_predictions
 from leukoflow.run.collector import read_cell_log
 
@@ -371,6 +372,7 @@ def write_run_report(run_dir: str | Path, title: str | None = None) -> Path:
                          None if t.get("fraction") is None else 100 * t["fraction"],
                          t.get("error_pp")])
         body.append("<h2>Differential</h2>")
+        body.extend(validity_banner(summary))
         body.append("<p>Differential: the class fractions of all in-distribution cells "
                     "(counted and uncertain), estimated from the calibrated probabilities with "
                     "a prior-shift correction (EM, Saerens et al. 2002; the model was "
@@ -380,7 +382,9 @@ def write_run_report(run_dir: str | Path, title: str | None = None) -> Path:
                                   "counted cells", "counted %", "probabilistic count",
                                   "truth %", "error [pp]"]))
         figs.append(_fig(fig_differential(summary, out / "differential.png"),
-                         "Differential with 95 % intervals"))
+                         "Differential with 95 % intervals" + (
+                             "" if is_valid(summary) else " — NOT VALID (see the banner)")))
+    body.extend(drift_section(summary))
     if len(recs):
         span = (recs["t_recv_ns"].max() - recs["t_recv_ns"].min()) / 1e9
         width = max(0.5, float(np.ceil(span / 40.0 * 2) / 2)) if span > 0 else 1.0

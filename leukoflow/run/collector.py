@@ -63,6 +63,7 @@ from leukoflow.core.metrics import ServiceMetrics
 from leukoflow.core.service import ServiceScaffold, heartbeat_message
 from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.inference.differential import Differential
+from leukoflow.run.drift_watch import RunWatch
 from leukoflow.run.recorder import Recorder, repair_rtdc
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,8 @@ class RunState:
         self.restarts: dict[str, int] = {}
         self.collector_restarts = 0
         self.recording: dict[str, Any] = {}
+        #: drift monitor, QC status and validity verdict (set by the collector)
+        self.watch: RunWatch | None = None
 
     # -- ingest --------------------------------------------------------------------------
     def ingest_results(self, header: Mapping[str, Any], probs: np.ndarray,
@@ -288,6 +291,8 @@ class RunState:
         rec["p"] = np.asarray(probs, dtype=np.float32)
         rec = rec[new]
         self._count(rec)
+        if self.watch is not None:
+            self.watch.add_results(header, new)
         return rec, new
 
     def _count(self, rec: np.ndarray) -> None:
@@ -484,6 +489,7 @@ class RunState:
             "collector_restarts": self.collector_restarts,
             "recording": dict(self.recording),
             "senders": {s: r["stats"] for s, r in self.reports.items()},
+            **(self.watch.snapshot(final) if self.watch is not None else {}),
         }
 
 
@@ -568,6 +574,7 @@ class Collector:
         self.params: dict[str, Any] = {"collector": asdict(cfg)}
         if cfg.params_json and Path(cfg.params_json).is_file():
             self.params.update(json.loads(Path(cfg.params_json).read_text()))
+        self.state.watch = RunWatch(self.params)  # drift monitor, QC status, validity
         self._restore()
         self.cell_log = CellLog(self.run_dir / "cells.bin")
         self.recorder = None
@@ -600,6 +607,7 @@ class Collector:
             self.state.eos_senders.update(self._prev.get("eos_senders", []))
             self.state.restarts.update(self._prev.get("restarts", {}))
             self.state.duplicates = max(self.state.duplicates, self._prev.get("duplicates", 0))
+            self.state.watch.load_state(self._prev.get("drift"))
             for seg in self._prev.get("segments", []):
                 if Path(seg).exists():
 
@@ -635,6 +643,7 @@ class Collector:
             "duplicates": st.duplicates,
             "collector_restarts": st.collector_restarts,
             "segments": self.segments,
+            "drift": st.watch.state_dict() if st.watch is not None else None,
             "saved_at_unix": time.time(),
         })
 
@@ -649,7 +658,10 @@ class Collector:
                     "leukoflow_recorder_events_total", "leukoflow_child_restarts_total",
                     "leukoflow_messages_rejected_total", "leukoflow_sequence_gaps_total",
                     "leukoflow_dropped_total", "leukoflow_e2e_latency_seconds",
-                    "leukoflow_queue_depth"):
+                    "leukoflow_queue_depth", "leukoflow_drift_alarm", "leukoflow_drift_enabled",
+                    "leukoflow_drift_max_score", "leukoflow_drift_score",
+                    "leukoflow_differential_valid", "leukoflow_qc_status",
+                    "leukoflow_qc_magnification"):
             self._m[fam]  # create the family so it is exported from the start
         self._health = ServiceScaffold(self._m, host=self.cfg.metrics_host,
                                        port=self.cfg.metrics_port,
@@ -667,6 +679,8 @@ class Collector:
         m = self._m
         if m is None:
             return
+        if self.state.watch is not None:
+            self.state.watch.export(m, snap)
         acc = snap["accounting"]
         for outcome in DECISIONS:
             self._inc_to(m["leukoflow_run_cells_total"].labels(outcome), f"o:{outcome}",

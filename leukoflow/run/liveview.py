@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from leukoflow.core import transport, wire
+from leukoflow.run.validity_view import live_lines
 
 
 def want_live_view(json_output: bool, stream: Any = None) -> bool:
@@ -163,8 +164,10 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
     services = services or {}
     diff = state.get("differential", {})
     truth = (state.get("truth") or {}).get("classes", {})
+    valid = (state.get("validity") or {}).get("valid", True)
     t = Table(title=f"leukoflow run {state.get('run', '')} — differential "
-                    f"({diff.get('counted', 0)} counted cells)", expand=False)
+                    f"({diff.get('counted', 0)} counted cells)"
+                    + ("" if valid else " — NOT VALID (drift)"), expand=False)
     est = (diff.get("estimate") or {}).get("classes", {})
     for col in ("class", "differential", "95 % interval", "count", "counted %"):
         t.add_column(col, justify="right")
@@ -204,7 +207,8 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
         footer += " | restarts: " + ", ".join(f"{k} {v}" for k, v in restarts.items())
     from rich.text import Text
 
-    return Group(t, s, Text(footer))
+    lines = [Text(text, style=style) for text, style in live_lines(state)]
+    return Group(t, s, Text(footer), *lines)
 
 
 class LiveView:

@@ -46,6 +46,7 @@ from leukoflow.run.liveview import StateFeed
 
 log = logging.getLogger(__name__)
 
+from leukoflow.run.qc_gate import qc_for_run, sim_params
 CLI_PREFIX: tuple[str, ...] = ("-c", "from leukoflow.cli import main; main()")
 
 
@@ -516,7 +517,8 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
     own_socket_dir = opts.transport == "ipc" and not opts.socket_dir
     keys = prepare_transport(opts, run_dir)
     params = {"run": asdict(opts), "endpoints": opts.endpoints(),
-              "metrics_ports": opts.metrics_ports()}
+              "metrics_ports": opts.metrics_ports(), "qc": qc,
+              **sim_params(opts.source, opts.seed)}
     (run_dir / "run_params.json").write_text(json.dumps(params, indent=1))
     specs = build_specs(opts, run_dir)
     ep = opts.endpoints()
@@ -532,11 +534,14 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         log.warning("%s: stopping the run gracefully", name)
 
     signals = StopSignals(_on_signal).install()
+    qc, qc_env = qc_for_run(opts.source)  # raises QCError when the QC policy refuses
 
     def tick() -> None:
         st = feed.poll()
         if st is not None:
             if on_state is not None:
+    if "source" in specs and qc_env:  # the acquisition uses the last passing QC's scale
+        specs["source"].env.update(qc_env)
                 on_state(st)
             if view is not None:
                 view.update(st, feed.services)
@@ -649,3 +654,8 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "duration_s": summary.get("supervisor", {}).get("duration_s"),
     }
     return out
+        "validity": summary.get("validity"),
+        "drift": {k: (summary.get("drift") or {}).get(k)
+                  for k in ("enabled", "alarm", "first_alarm_cell", "moved", "reason")},
+        "qc": {k: (summary.get("qc") or {}).get(k)
+               for k in ("state", "ok", "pixel_um", "magnification", "message")},
