@@ -63,7 +63,44 @@ def health_paths_served() -> dict[str, int]:
 # --------------------------------------------------------------------------- compose
 def test_compose_has_every_service() -> None:
     assert COMPOSE["name"] == "leukoflow"
-    assert set(COMPOSE["services"]) == {"net", *SERVICES, "prometheus", "grafana"}
+    base = {n for n, s in COMPOSE["services"].items() if not s.get("profiles")}
+    assert base == {"net", *SERVICES, "prometheus", "grafana"}
+    triton = {n for n, s in COMPOSE["services"].items() if "triton" in s.get("profiles", [])}
+    assert triton == {"triton-export", "triton", "instrument-a", "instrument-b"}
+
+
+def test_compose_triton_profile_wiring() -> None:
+    """Two simulated instruments share one Triton: real CLI commands and flags, the gRPC and
+    metrics ports Triton serves by default, shared IPC for system shared memory."""
+    svc = COMPOSE["services"]
+    export = svc["triton-export"]["command"]
+    assert export[:3] == ["leukoflow", "export", "--triton"]
+    help_export = CliRunner().invoke(app, ["export", "--help"]).output
+    assert "--triton" in help_export and "--model" in help_export
+    tri = svc["triton"]
+    assert tri["depends_on"]["triton-export"]["condition"] == "service_completed_successfully"
+    assert "--model-repository=/models" in tri["command"]
+    assert all(f"--{k}-address=127.0.0.1" in tri["command"] for k in ("http", "grpc",
+                                                                       "metrics"))
+    assert tri["ipc"] == "service:net" and svc["net"]["ipc"] == "shareable"
+    gpu = COMPOSE_GPU["services"]["triton"]
+    assert any(a.startswith("--model-config-name=") for a in gpu["command"])
+    help_run = CliRunner().invoke(app, ["run", "--help"]).output
+    ports = set()
+    for name in ("instrument-a", "instrument-b"):
+        inst = svc[name]
+        cmd = inst["command"]
+        assert cmd[:2] == ["leukoflow", "run"] and cmd[cmd.index("--backend") + 1] == "triton"
+        for flag in (a for a in cmd[2:] if a.startswith("--")):
+            assert flag in help_run, f"{name}: leukoflow run has no {flag}"
+        assert inst["environment"]["LEUKOFLOW_TRITON_URL"] == "127.0.0.1:8001"  # gRPC
+        assert inst["ipc"] == "service:net"
+        assert inst["depends_on"]["triton"]["condition"] == "service_healthy"
+        ports |= {cmd[cmd.index("--zmq-base-port") + 1], cmd[cmd.index("--metrics-base-port") + 1]}
+    assert len(ports) == 4  # no two instruments on the same ports
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert jobs["triton"]["static_configs"][0]["targets"] == ["127.0.0.1:8002"]  # metrics
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -148,7 +185,8 @@ def test_compose_gpu_override() -> None:
 
 
 # --------------------------------------------------------------------------- images
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda",
+                                        "Dockerfile.cuda-torch"])
 def test_dockerfile_sources_exist_and_runs_unprivileged(dockerfile: str) -> None:
     text = (DEPLOY / "docker" / dockerfile).read_text()
     text = re.sub(r"\\\n", " ", text)
@@ -167,8 +205,16 @@ def test_dockerfile_sources_exist_and_runs_unprivileged(dockerfile: str) -> None
     assert users and users[-1] not in ("root", "0")
     cmd = next(ln for ln in reversed(lines) if ln.startswith("CMD "))
     assert "leukoflow" in cmd
-    if dockerfile.endswith("cuda"):
+    if dockerfile.endswith("cuda-torch"):
         assert "tensorrt" in text.lower() and "download.pytorch.org/whl/${TORCH_CUDA}" in text
+    elif dockerfile.endswith("cuda"):  # lean: TensorRT + pycuda; torch only in the export stage
+        stages = re.split(r"^FROM ", text, flags=re.M)
+        final, export = stages[-1], [st for st in stages if " AS export" in st.split("\n")[0]]
+        assert export and "download.pytorch.org/whl/cpu" in export[0]
+        assert "torch" not in final.lower().replace("leukoflow", "")
+        build = next(st for st in stages if " AS build" in st.split("\n")[0])
+        assert "pycuda" in build and "tensorrt" in build.lower() and "--no-deps ." in build
+        assert "import torch" in build  # the build fails if torch sneaked in
     else:
         assert "download.pytorch.org/whl/cpu" in text
 
@@ -293,7 +339,8 @@ def test_install_script_syntax_and_packages() -> None:
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    assert re.search(r"packages=\(prometheus chromium chromium-driver\)", text)
+    # libpython3.11: the python-backend stub of the Triton server the Triton tests start
+    assert re.search(r"packages=\(prometheus chromium chromium-driver libpython3\.11\)", text)
     assert "apt-get update" in text and "apt-get install -y" in text
 
 

@@ -118,8 +118,12 @@ def test_template_variables_run_id_and_instance(name: str) -> None:
 
 def test_raw_metric_panels_follow_the_run_and_instance_variables() -> None:
     recorded = set(mq.recording_rules())
+    triton = mq.TRITON_SERIES | mq.TRITON_GPU_SERIES
     for name, title, expr in mq.all_queries():
         names = mq.metric_names(expr) - recorded - {"leukoflow_service_info"}
+        if names & triton:  # the shared Triton tier: its own job, no run id or instance
+            assert 'job="triton"' in expr, f"{name}/{title}: {expr}"
+            names -= triton
         if names:
             assert 'instance=~"$instance"' in expr, f"{name}/{title}: {expr}"
         if names - mq.PROMETHEUS_SERIES:

@@ -313,32 +313,6 @@ def live_differential() -> dict[str, Any]:
                 (f"sum by (outcome) ({gauge('leukoflow_run_cells_total')})", "{{outcome}}"),
             ], description="Every cell emitted by acquisition ends counted, rejected or dropped.",
                w=12),
-            row("Validity: instrument drift and reference-bead QC"),
-            stat("Differential valid", [(gauge("leukoflow_differential_valid"), "")],
-                 description="0 once drift was detected: the run's differential is marked "
-                 "not valid (runbook LeukoflowDriftDetected).", w=5,
-                 thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}],
-                 mappings=[{"type": "value", "options": {
-                     "0": {"text": "NOT VALID"}, "1": {"text": "valid"}}}]),
-            stat("Drift", [(gauge("leukoflow_drift_alarm"), ""),
-                           (gauge("leukoflow_drift_enabled"), "monitored")],
-                 description="Drift alarm of the run (1 = detected) and whether the run is "
-                 "monitored at all.", w=5,
-                 thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}]),
-            stat("QC state", [(gauge("leukoflow_qc_status"), "")],
-                 description="1 passed, 0 off, -1 no QC, -2 out of date, -3 failed.", w=5,
-                 thresholds=[{"color": "orange", "value": None}, {"color": "green", "value": 0}],
-                 mappings=[{"type": "value", "options": {
-                     "1": {"text": "passed"}, "0": {"text": "off"}, "-1": {"text": "none"},
-                     "-2": {"text": "expired"}, "-3": {"text": "failed"}}}]),
-            stat("Magnification (QC)", [(gauge("leukoflow_qc_magnification"), "")],
-                 description="Magnification relative to nominal measured by the QC whose "
-                 "scale the acquisition uses.", w=9),
-            timeseries("Drift test statistic per feature (>= 1: drift)", [
-                (gauge("leukoflow_drift_score"), "{{feature}} {{group}}"),
-                (gauge("leukoflow_drift_max_score"), "largest"),
-            ], description="Each test's z statistic over its alarm threshold at the last "
-               "checkpoint (alpha spent over the run, Bonferroni over the tests).", w=24),
             row("Decisions"),
             stat("Cells by decision (run)", [
                 (f"sum by (decision) ({gauge('leukoflow_decisions_total')})", "{{decision}}"),
@@ -489,8 +463,58 @@ def queues_and_batching() -> dict[str, Any]:
             timeseries("Explainer backlog", [
                 (f"sum by (instance) {gauge('leukoflow_explainer_backlog')}", "{{instance}}"),
             ]),
+            *triton_row(),
         ],
     )
+
+
+#: Selector of the Triton inference tier's own metrics (job ``triton`` in prometheus.yml).
+TRITON = 'job="triton"'
+
+
+def triton_rate(metric: str) -> str:
+    """Per-model rate of a Triton counter."""
+    return f"sum by (model) (rate({metric}{{{TRITON}}}[$__rate_interval]))"
+
+
+def triton_row() -> list[dict[str, Any]]:
+    """The shared Triton tier: requests per model, queue and compute time, batch sizes.
+
+    Triton's metrics carry no leukoflow run id or instance variable: they describe the tier
+    all instruments share, per served model.
+    """
+    ok = triton_rate("nv_inference_request_success")
+    return [
+        row("Triton inference tier"),
+        timeseries("Triton requests per model", [
+            (ok, "{{model}}"),
+            (zero_if_absent("sum by (model, reason) (rate(nv_inference_request_failure{"
+                            f"{TRITON}}}[$__rate_interval]))"), "failed {{model}} {{reason}}"),
+        ], unit="reqps", description="Requests answered per second (all workers) and "
+           "failed requests by reason (alert LeukoflowTritonRequestFailures)."),
+        timeseries("Triton queue and compute time per request", [
+            (f"{triton_rate('nv_inference_queue_duration_us')} / {ok} / 1e6", "queue {{model}}"),
+            (f"{triton_rate('nv_inference_compute_infer_duration_us')} / {ok} / 1e6",
+             "compute {{model}}"),
+            (f"({triton_rate('nv_inference_compute_input_duration_us')} + "
+             f"{triton_rate('nv_inference_compute_output_duration_us')}) / {ok} / 1e6",
+             "input+output {{model}}"),
+        ], unit="s", description="Mean time a request waited in Triton's dynamic-batching "
+           "queue and the mean compute time of the execution it was part of."),
+        timeseries("Triton cells per execution", [
+            (f"{triton_rate('nv_inference_count')} / {triton_rate('nv_inference_exec_count')}",
+             "{{model}}"),
+        ], description="Batch size Triton executed: requests of all workers merged by its "
+           "dynamic batcher (preferred size = the workers' max_batch)."),
+        timeseries("Triton pending requests and utilization", [
+            (f"sum by (model) (nv_inference_pending_request_count{{{TRITON}}})",
+             "pending {{model}}"),
+            (f"avg by (instance) (nv_cpu_utilization{{{TRITON}}})", "CPU {{instance}}"),
+            (zero_if_absent(f"avg by (instance) (nv_gpu_utilization{{{TRITON}}})"),
+             "GPU {{instance}}"),
+        ], description="Requests waiting in Triton; CPU and GPU utilization (0-1) of its "
+           "host."),
+    ]
 
 
 def confidence_and_ood() -> dict[str, Any]:

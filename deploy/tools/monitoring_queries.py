@@ -30,6 +30,20 @@ PROMETHEUS_SERIES = frozenset({
     "up", "scrape_duration_seconds", "scrape_samples_scraped",
     "scrape_samples_post_metric_relabeling", "scrape_series_added",
 })
+#: Series of Triton Inference Server's own /metrics endpoint (the inference tier, job
+#: ``triton``), as Triton 2.51 exposes them; tests/test_infer_triton.py checks the CPU ones
+#: against a real server. Durations are cumulative counters in microseconds.
+TRITON_SERIES = frozenset({
+    "nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+    "nv_inference_exec_count", "nv_inference_pending_request_count",
+    "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us", "nv_cpu_utilization",
+    "nv_cpu_memory_used_bytes",
+})
+#: Triton series that exist only on GPU hosts.
+TRITON_GPU_SERIES = frozenset({"nv_gpu_utilization", "nv_gpu_memory_used_bytes",
+                               "nv_gpu_memory_total_bytes"})
 #: PromQL words that look like identifiers but are not metric names.
 KEYWORDS = frozenset({
     "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
@@ -162,9 +176,10 @@ def exposed_names(families: Mapping[str, Any] | None = None) -> set[str]:
 
 def unknown_names(names: set[str], exposed: set[str], recorded: set[str]) -> set[str]:
     """Names that are neither exposed by a leukoflow service (:func:`exposed_names`), a
-    recording rule, nor a series Prometheus creates itself."""
+    recording rule, a series Prometheus creates itself, nor a Triton series."""
     return {n for n in names if n not in exposed and n not in recorded
-            and n not in PROMETHEUS_SERIES}
+            and n not in PROMETHEUS_SERIES and n not in TRITON_SERIES
+            and n not in TRITON_GPU_SERIES}
 
 
 def all_queries(folder: Path = DASHBOARD_DIR) -> list[tuple[str, str, str]]:
