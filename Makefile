@@ -1,5 +1,6 @@
 # leukoflow — make test | make demo | make bench | make lint
-# A fresh machine needs only Python 3.11 and make: every target creates .venv first.
+# A fresh machine needs only Python 3.11 and make: every target creates .venv first;
+# make test also installs the system packages some tests need where it may (sysdeps).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv sysdeps test demo bench lint clean
 
 venv: $(STAMP)
 
@@ -21,8 +22,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 tests
+# System packages of the browser, Prometheus and Triton tests (Debian/Ubuntu, see
+# deploy/ci/install-system-deps.sh): installed when this user may (root or passwordless sudo).
+# Otherwise make test goes on and reports each test that needs one as NOT RUN, with the
+# command that enables it; under CI (CI=true, .ci/run) a missing package fails those tests.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then \
+		bash deploy/ci/install-system-deps.sh || { \
+			echo "make: could not install the system packages: the tests that need them are NOT RUN"; \
+			case "$${CI:-}" in 1|true|yes) exit 1;; esac; }; \
+	else \
+		echo "make: no root or passwordless sudo: tests that need system packages are NOT RUN" \
+		     "(enable them with: sudo deploy/ci/install-system-deps.sh)"; \
+	fi
+
+# -rs prints why each skipped test did not run (e.g. NOT RUN: needs chromium ...)
+test: venv sysdeps
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider --timeout=900 tests
 
 demo: venv
 	$(BIN)/leukoflow run --source sim:0:0.3 --duration 30 --out runs/demo

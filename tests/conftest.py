@@ -30,3 +30,28 @@ def _torch_threads() -> None:
     except ImportError:  # pragma: no cover
         return
     torch.set_num_threads(1)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line naming the command that enables the tests skipped for a missing package."""
+    from sysdeps import INSTALL, NOT_RUN
+
+    not_run = [r for r in terminalreporter.stats.get("skipped", [])
+               if NOT_RUN in str(getattr(r, "longrepr", ""))]
+    if not_run:
+        terminalreporter.write_line(
+            f"{len(not_run)} test(s) NOT RUN for missing system packages (listed above); "
+            f"enable them with: {INSTALL}", yellow=True, bold=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped for a missing system package is listed under its own name (-rs)."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        from sysdeps import NOT_RUN
+
+        reason = rep.longrepr[2]
+        if NOT_RUN in reason:
+            rep.longrepr = (item.nodeid, item.location[1] + 1, reason)

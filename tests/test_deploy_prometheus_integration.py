@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sysdeps
 import yaml
 
 from leukoflow.cli import app
@@ -61,15 +61,9 @@ mq = _load_mq()
 
 
 def require_binary(name: str) -> str:
-    """Path of ``name``; fail under CI (it must be installed there), skip locally."""
-    path = shutil.which(name)
-    if path:
-        return path
-    msg = (f"{name} not found: install Debian's prometheus package "
-           "(sudo deploy/ci/install-system-deps.sh)")
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    """Path of ``name`` (from Debian's prometheus package); NOT RUN locally without it, a
+    failure under CI (tests/sysdeps.py)."""
+    return sysdeps.binary(name, package="prometheus")
 
 
 def free_port() -> int:

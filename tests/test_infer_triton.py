@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import sysdeps
 import zmq
 
 from leukoflow.benchmarks.workload_infer import ResultsSink, crop_message, synthetic_crops
@@ -32,7 +33,12 @@ from leukoflow.inference.triton_repo import (
     TritonExportError,
     export_triton,
 )
-from leukoflow.inference.triton_server import TritonServer, fetch_bundled
+from leukoflow.inference.triton_server import (
+    TritonServer,
+    fetch_bundled,
+    libpython_dirs,
+    system_has_libpython,
+)
 from leukoflow.inference.worker import InferConfig, InferWorker
 from leukoflow.models.artifact import load_artifact
 
@@ -55,6 +61,9 @@ def repo(tmp_path_factory, artifact):
 
 @pytest.fixture(scope="module")
 def server(repo):
+    # the python-backend stub links libpython3.X.so (Debian package libpython3.11)
+    lib = "libpython{}.{}".format(*sysdeps.python_version())
+    sysdeps.require(libpython_dirs() or system_has_libpython(), f"the shared {lib}", lib)
     # the bundled server lives in the user cache (one 55 MB download per machine)
     srv = TritonServer(repo[0], dist=fetch_bundled())
     srv.start(timeout=180, models=(MODEL,))
