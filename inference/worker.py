@@ -59,18 +59,18 @@ from leukoflow.inference.decision import (
     rule_from_artifact,
 )
 from leukoflow.inference.differential import Differential
-from leukoflow.inference.routing import ROUTE_REASONS, ExplainRouter, _finite
 from leukoflow.inference.drift import FEATURES as _DRIFT_FEATURES
 from leukoflow.inference.drift import PenultimateProjection
+from leukoflow.inference.routing import ROUTE_REASONS, ExplainRouter, _finite
 from leukoflow.inference.telemetry import InferMetrics, observe_many
 from leukoflow.models.artifact import load_artifact
 
 log = logging.getLogger(__name__)
 
-SECTION = "infer"
 #: Acquisition features a worker forwards with each result (drift detection).
 DRIFT_FEATURE_NAMES: tuple[str, ...] = tuple(f for f, _ in _DRIFT_FEATURES)
 
+SECTION = "infer"
 
 
 @dataclass(frozen=True)
@@ -259,10 +259,10 @@ class InferWorker:
         if be.device_kind == "cpu":
             _limit_blas_threads(cfg.threads)
         self.rule: DecisionRule = rule_from_artifact(art)
-        self.differential = Differential(self.class_names)
-        self.model_name = str(getattr(art, "name", cfg.model))
         # penultimate-layer projections for the collector's drift test (card["drift"])
         self.pen_proj = PenultimateProjection.from_card(getattr(art, "card", None) or {})
+        self.differential = Differential(self.class_names)
+        self.model_name = str(getattr(art, "name", cfg.model))
         self.batcher = DynamicBatcher(cfg.max_batch, cfg.max_delay_ms / 1e3,
                                       buckets=be.buckets)
         self.sender = wire.Sender(run="", role="infer")
@@ -429,6 +429,10 @@ class InferWorker:
         t = h["t"]
         t0 = min(t.values()) if t else t_recv
         extra = {k: np.asarray(h[k]) for k in ("labels", "kinds", "frames", "t_acq") if k in h}
+        feat = h.get("feat") or {}
+        for k in DRIFT_FEATURE_NAMES:  # acquisition features forwarded for drift detection
+            if k in feat:
+                extra[f"feat:{k}"] = np.asarray(feat[k], dtype=np.float64)
         self.batcher.put(x, _MsgCtx(msg, t_recv, ids, t0, extra), now=t_recv * 1e-9)
 
     def _control(self, msg: wire.Message, frames: list[Any]) -> None:
@@ -438,10 +442,6 @@ class InferWorker:
             self._drain()
             self._send_results_frames(frames)
             if cmd == "eos":
-        feat = h.get("feat") or {}
-        for k in DRIFT_FEATURE_NAMES:  # acquisition features forwarded for drift detection
-            if k in feat:
-                extra[f"feat:{k}"] = np.asarray(feat[k], dtype=np.float64)
                 self._send_totals()
         elif cmd == "stop":
             log.info("control stop received")
@@ -490,6 +490,7 @@ class InferWorker:
         t_done = time.monotonic_ns()
         with np.errstate(all="ignore"):
             dec = self.rule(out.logits, out.features, out.ood_score)
+            pen = self.pen_proj(out.features) if self.pen_proj is not None else None
         ok = out.finite
         m = self.metrics
         m.batch(batch.n, (t_done - job.t_batch) * 1e-9)
@@ -499,7 +500,6 @@ class InferWorker:
         delivered = ok.copy()
         row = 0
         t_first = min(seg.ctx.t_recv for seg in batch.segments)
-            pen = self.pen_proj(out.features) if self.pen_proj is not None else None
         for seg in batch.segments:
             if not self._send_segment(seg, dec, ok, row, job.t_batch, t_done, pen):
                 delivered[row:row + seg.n] = False
@@ -515,7 +515,7 @@ class InferWorker:
             (time.monotonic_ns() - t_first) * 1e-9)
 
     def _send_segment(self, seg: Any, dec: Decisions, ok: np.ndarray, row: int, t_batch: int,
-                      t_done: int) -> bool:
+                      t_done: int, pen: np.ndarray | None = None) -> bool:
         """Results of one message segment; False if they could not be queued (the finite
         cells are then rejected as ``results_backpressure``). ``pen``: the batch's
         penultimate-layer projections (drift detection), sent in the ``feat`` map."""
@@ -542,6 +542,7 @@ class InferWorker:
             "ood_score": _finite(d.ood_score).tolist(),
             "classes": list(self.class_names), "model": self.model_name,
         }
+        feat: dict[str, list[float]] = {}
         for key, arr in ctx.extra.items():
             if key.startswith("feat:"):
                 feat[key[5:]] = arr[cells].tolist()
@@ -558,7 +559,6 @@ class InferWorker:
         m = self.metrics
         w = np.full(1, keep.size)
         observe_many(m["leukoflow_inference_queue_duration_seconds"],
-        feat: dict[str, list[float]] = {}
                      np.array([(t_batch - ctx.t_recv) * 1e-9]), w)
         if "t_acq" in ctx.extra:
             observe_many(m["leukoflow_e2e_latency_seconds"],

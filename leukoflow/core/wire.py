@@ -322,8 +322,6 @@ def _check_results_fields(h: Mapping, n: int, k: int | None) -> None:
     _check_str(h, "model")
 
 
-def validate_header(h: Any) -> str:
-    """Validate a decoded header completely; return its kind.
 def _check_feat(h: Mapping, n: int) -> None:
     """Optional ``feat`` map: name -> list of n finite numbers (at most 256 names)."""
     feat = h.get("feat", {})
@@ -337,6 +335,8 @@ def _check_feat(h: Mapping, n: int) -> None:
         _check_floats(vals, f"feat[{name}]")
 
 
+def validate_header(h: Any) -> str:
+    """Validate a decoded header completely; return its kind.
 
     Raises
     ------
@@ -364,9 +364,9 @@ def _check_feat(h: Mapping, n: int) -> None:
         _check_feat(h, n)
     elif kind == "results":
         _check_results_fields(h, n, shape[1])
+        _check_feat(h, n)  # optional: features forwarded for drift detection
     elif kind == "explain":
         _check_results_fields(h, n, None)
-        _check_feat(h, n)  # optional: features forwarded for drift detection
         probs = _check_list(h, "probs", n)
         assert probs is not None
         k = len(h["classes"])

@@ -43,10 +43,10 @@ from leukoflow.core.service import StopSignals, control_message
 from leukoflow.core.vocabulary import DECISIONS
 from leukoflow.reports.report import write_run_report
 from leukoflow.run.liveview import StateFeed
+from leukoflow.run.qc_gate import qc_for_run, sim_params
 
 log = logging.getLogger(__name__)
 
-from leukoflow.run.qc_gate import qc_for_run, sim_params
 CLI_PREFIX: tuple[str, ...] = ("-c", "from leukoflow.cli import main; main()")
 
 
@@ -516,11 +516,14 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         opts.record = str(Path(opts.record).resolve())
     own_socket_dir = opts.transport == "ipc" and not opts.socket_dir
     keys = prepare_transport(opts, run_dir)
+    qc, qc_env = qc_for_run(opts.source)  # raises QCError when the QC policy refuses
     params = {"run": asdict(opts), "endpoints": opts.endpoints(),
               "metrics_ports": opts.metrics_ports(), "qc": qc,
               **sim_params(opts.source, opts.seed)}
     (run_dir / "run_params.json").write_text(json.dumps(params, indent=1))
     specs = build_specs(opts, run_dir)
+    if "source" in specs and qc_env:  # the acquisition uses the last passing QC's scale
+        specs["source"].env.update(qc_env)
     ep = opts.endpoints()
     notifier = _Notifier(ep["collector"], opts.run_id, keys)
     sup = Supervisor(run_dir / "logs",
@@ -534,14 +537,11 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         log.warning("%s: stopping the run gracefully", name)
 
     signals = StopSignals(_on_signal).install()
-    qc, qc_env = qc_for_run(opts.source)  # raises QCError when the QC policy refuses
 
     def tick() -> None:
         st = feed.poll()
         if st is not None:
             if on_state is not None:
-    if "source" in specs and qc_env:  # the acquisition uses the last passing QC's scale
-        specs["source"].env.update(qc_env)
                 on_state(st)
             if view is not None:
                 view.update(st, feed.services)
@@ -640,6 +640,11 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
                              "upper": e["upper"]}
                          for n, e in (diff.get("estimate") or {}).get("classes", {}).items()},
         "differential_method": (diff.get("estimate") or {}).get("method"),
+        "validity": summary.get("validity"),
+        "drift": {k: (summary.get("drift") or {}).get(k)
+                  for k in ("enabled", "alarm", "first_alarm_cell", "moved", "reason")},
+        "qc": {k: (summary.get("qc") or {}).get(k)
+               for k in ("state", "ok", "pixel_um", "magnification", "message")},
         "counted_fraction": {n: {"fraction": c["fraction"], "lower": c["lower"],
                                  "upper": c["upper"]}
                              for n, c in diff.get("classes", {}).items()},
@@ -654,8 +659,3 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "duration_s": summary.get("supervisor", {}).get("duration_s"),
     }
     return out
-        "validity": summary.get("validity"),
-        "drift": {k: (summary.get("drift") or {}).get(k)
-                  for k in ("enabled", "alarm", "first_alarm_cell", "moved", "reason")},
-        "qc": {k: (summary.get("qc") or {}).get(k)
-               for k in ("state", "ok", "pixel_um", "magnification", "message")},
