@@ -313,6 +313,32 @@ def live_differential() -> dict[str, Any]:
                 (f"sum by (outcome) ({gauge('leukoflow_run_cells_total')})", "{{outcome}}"),
             ], description="Every cell emitted by acquisition ends counted, rejected or dropped.",
                w=12),
+            row("Validity: instrument drift and reference-bead QC"),
+            stat("Differential valid", [(gauge("leukoflow_differential_valid"), "")],
+                 description="0 once drift was detected: the run's differential is marked "
+                 "not valid (runbook LeukoflowDriftDetected).", w=5,
+                 thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}],
+                 mappings=[{"type": "value", "options": {
+                     "0": {"text": "NOT VALID"}, "1": {"text": "valid"}}}]),
+            stat("Drift", [(gauge("leukoflow_drift_alarm"), ""),
+                           (gauge("leukoflow_drift_enabled"), "monitored")],
+                 description="Drift alarm of the run (1 = detected) and whether the run is "
+                 "monitored at all.", w=5,
+                 thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}]),
+            stat("QC state", [(gauge("leukoflow_qc_status"), "")],
+                 description="1 passed, 0 off, -1 no QC, -2 out of date, -3 failed.", w=5,
+                 thresholds=[{"color": "orange", "value": None}, {"color": "green", "value": 0}],
+                 mappings=[{"type": "value", "options": {
+                     "1": {"text": "passed"}, "0": {"text": "off"}, "-1": {"text": "none"},
+                     "-2": {"text": "expired"}, "-3": {"text": "failed"}}}]),
+            stat("Magnification (QC)", [(gauge("leukoflow_qc_magnification"), "")],
+                 description="Magnification relative to nominal measured by the QC whose "
+                 "scale the acquisition uses.", w=9),
+            timeseries("Drift test statistic per feature (>= 1: drift)", [
+                (gauge("leukoflow_drift_score"), "{{feature}} {{group}}"),
+                (gauge("leukoflow_drift_max_score"), "largest"),
+            ], description="Each test's z statistic over its alarm threshold at the last "
+               "checkpoint (alpha spent over the run, Bonferroni over the tests).", w=24),
             row("Decisions"),
             stat("Cells by decision (run)", [
                 (f"sum by (decision) ({gauge('leukoflow_decisions_total')})", "{{decision}}"),
