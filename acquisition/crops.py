@@ -24,6 +24,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from leukoflow.acquisition.features import Detection, phase_features
+from leukoflow.core.physics import CROP_SIZE_PX, PIXEL_UM, WAVELENGTH_UM
 
 TWO_PI = 2.0 * math.pi
 
@@ -35,13 +36,13 @@ class CropConfig:
     Attributes
     ----------
     size : int
-        Side of the square crop [px] (64 px = 21.8 µm at 0.34 µm).
+        Side of the square crop [px] (:data:`~leukoflow.core.physics.CROP_SIZE_PX`).
     margin : int
         Extra border captured around the crop for unwrapping and re-centring [px].
     with_amplitude : bool
         Also cut the amplitude crop.
     pixel_um : float
-        Phase-grid pixel size [µm] (recorded with every crop).
+        Phase-grid pixel size [µm] (recorded with every crop; default: the optics').
     wavelength_um : float
         Wavelength [µm] for the dry mass.
     bg_dilate_px : int
@@ -54,11 +55,11 @@ class CropConfig:
         flagged OOD from 19.8 % to 6.6 % (design: 5 %) and raised accuracy 79 -> 82 %.
     """
 
-    size: int = 64
+    size: int = CROP_SIZE_PX
     margin: int = 8
     with_amplitude: bool = False
-    pixel_um: float = 0.34
-    wavelength_um: float = 0.530
+    pixel_um: float = PIXEL_UM
+    wavelength_um: float = WAVELENGTH_UM
     bg_dilate_px: int = 3
     isolate_px: int = 6
 

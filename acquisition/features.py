@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.ndimage as ndi
 
-from leukoflow.core.physics import dry_mass_pg
+from leukoflow.core.physics import PIXEL_UM, WAVELENGTH_UM, dry_mass_pg
 
 #: Names of the per-cell features published in the ``feat`` map of crop messages.
 FEATURE_NAMES: tuple[str, ...] = (
@@ -181,7 +181,7 @@ def measure_objects(
     *,
     amplitude: np.ndarray | None = None,
     frame: int = 0,
-    pixel_um: float = 0.34,
+    pixel_um: float = PIXEL_UM,
     neck_px: float = 2.5,
     peak_min_distance_px: int = 4,
     solidity_check: float = 0.95,
@@ -295,8 +295,8 @@ def phase_features(
     phase: np.ndarray,
     mask: np.ndarray,
     *,
-    pixel_um: float = 0.34,
-    wavelength_um: float = 0.530,
+    pixel_um: float = PIXEL_UM,
+    wavelength_um: float = WAVELENGTH_UM,
 ) -> dict[str, float]:
     """Phase features of one cell from its unwrapped, background-corrected crop.
 

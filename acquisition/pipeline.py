@@ -39,6 +39,8 @@ from leukoflow.core.vocabulary import CLASS_NAMES
 
 #: Stage names stamped (monotonic ns) into ``FrameResult.t`` and the crop messages.
 STAGES: tuple[str, ...] = ("t_acq", "t_recon", "t_segment", "t_track", "t_crop")
+#: TOML section / ``LEUKOFLOW_<SECTION>_*`` infix of :class:`PipelineConfig`.
+SECTION = "acquire_pipeline"
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class PipelineConfig:
     max_missed: int = 3
     max_age_frames: int = 64
     max_open: int = 256
-    crop_size: int = 64
+    crop_size: int = DEFAULT_OPTICS.crop_size
     crop_margin: int = 8
     crop_isolate_px: int = 6
     with_amplitude: bool = False
@@ -539,7 +541,7 @@ class TruthScorer:
         ``true_phase(origin) -> (H, W) float32`` [rad]; enables the phase RMSE.
     """
 
-    def __init__(self, pixel_um: float = 0.34, isolation_px: float = 4.0,
+    def __init__(self, pixel_um: float = DEFAULT_OPTICS.pixel_um, isolation_px: float = 4.0,
                  true_phase: Any = None) -> None:
         self.pixel_um = pixel_um
         self.isolation_px = isolation_px

@@ -27,6 +27,7 @@ from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig
 from leukoflow.acquisition.sim import SimConfig
 from leukoflow.acquisition.sim.dataset import FEATURE_NAMES, crop_features, resolve_kinds
 from leukoflow.acquisition.sources import create_source
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 #: Version of the arrays this module produces (part of the dataset cache key of
@@ -147,7 +148,7 @@ def _truth_geometry(src: Any, rows: list) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_pipeline_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0,
-                          crop: int = 64, classes: Sequence[str] | None = None,
+                          crop: int = CROP_SIZE_PX, classes: Sequence[str] | None = None,
                           ood_kinds: Sequence[str] | None = None, parts: int = 8,
                           workers: int = 1, shuffle: bool = True,
                           concentration: float = GEN_CONCENTRATION,
@@ -270,12 +271,13 @@ def make_flow_sample(n_cells: int, seed: int = 0, parts: int = 8, workers: int =
     if n_cells < 0 or parts < 1:
         raise ValueError("n_cells must be >= 0 and parts >= 1")
     conc = float(concentration)
-    jobs = [(seed, p, ["*"], {"*": _quota(n_cells, parts, p)}, "mix", 64,
+    jobs = [(seed, p, ["*"], {"*": _quota(n_cells, parts, p)}, "mix", CROP_SIZE_PX,
              {"concentration": conc}, {}) for p in range(parts)]
     out = _run_jobs(jobs, workers)
     kinds = [k for o in out for k in o["kind"]]
     label_of = {c: i for i, c in enumerate(CLASS_NAMES)}
-    return {"x": np.concatenate([o["x"] for o in out]) if out else np.zeros((0, 64, 64)),
+    empty = np.zeros((0, CROP_SIZE_PX, CROP_SIZE_PX))
+    return {"x": np.concatenate([o["x"] for o in out]) if out else empty,
             "y": np.array([label_of.get(k, -1) for k in kinds], np.int64), "kind": kinds,
             "features": {f: np.concatenate([o["features"][f] for o in out])
                          for f in FEATURE_NAMES},

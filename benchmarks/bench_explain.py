@@ -44,6 +44,7 @@ from leukoflow.benchmarks.workload_infer import (
     produce,
     worker_process,
 )
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import free_tcp_port, tcp_endpoint
 from leukoflow.explain.segmentation import multi_slic
 from leukoflow.models.artifact import list_artifacts
@@ -160,7 +161,7 @@ def _artifact_path(tmp: str) -> str:
     if "lenet5-sim" in list_artifacts():
         return "lenet5-sim"
 
-    return str(make_test_artifact(Path(tmp) / "lenet5-bench", input_size=64).path)
+    return str(make_test_artifact(Path(tmp) / "lenet5-bench", input_size=CROP_SIZE_PX).path)
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -216,7 +217,8 @@ def worker_rate(model: str, n_msgs: int, tmp: str, explainer: str) -> dict:
     ready, stop = mpc.Event(), mpc.Event()
     worker = mpc.Process(target=worker_process, args=(cfg, ready, stop, q), daemon=True)
     worker.start()
-    producer = mpc.Process(target=produce, args=(crops_ep, n_msgs, PER_MSG, 64, "float32"),
+    producer = mpc.Process(target=produce,
+                           args=(crops_ep, n_msgs, PER_MSG, CROP_SIZE_PX, "float32"),
                            kwargs={"ready": ready}, daemon=True)
     producer.start()
     procs = [producer, worker, *procs]

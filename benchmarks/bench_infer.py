@@ -29,6 +29,7 @@ from leukoflow.benchmarks.workload_infer import (
     synthetic_crops,
     worker_process,
 )
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
 from leukoflow.inference.backends import create_backend
 from leukoflow.inference.decision import rule_from_artifact
@@ -43,12 +44,12 @@ def _artifact_path(tmp: str) -> str:
     if "lenet5-sim" in list_artifacts():
         return "lenet5-sim"
 
-    return str(make_test_artifact(Path(tmp) / "lenet5-bench", input_size=64).path)
+    return str(make_test_artifact(Path(tmp) / "lenet5-bench", input_size=CROP_SIZE_PX).path)
 
 
 def service_throughput(model: str, backend: str, n_msgs: int, port0: int, tmp: str,
                        per_msg: int = PER_MSG, max_batch: int = BATCH,
-                       dtype: str = "float32", size: int = 64, precision: str = "fp16",
+                       dtype: str = "float32", size: int = CROP_SIZE_PX, precision: str = "fp16",
                        extra: dict | None = None) -> dict:
     """Cells/s of the service fed by a producer process (see module docstring)."""
 

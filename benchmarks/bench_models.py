@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.models.artifact import load_artifact
 from leukoflow.models.export import export_onnx, onnx_session
 from leukoflow.models.make_artifacts import COMMANDS, REDUCED, run_train
@@ -114,7 +115,7 @@ def bench_vi_cost(quick: bool) -> dict:
     torch.set_num_threads(1)
     s, n = (20, 16) if quick else (20, 256)
     torch.manual_seed(0)
-    x = torch.randn(n, 1, 64, 64)
+    x = torch.randn(n, 1, CROP_SIZE_PX, CROP_SIZE_PX)
     det = LeNet5().eval()
     vi = LeNet5VI(n_samples=s).eval()
     mcd = LeNet5().eval()

@@ -16,6 +16,7 @@ import os
 
 from leukoflow.acquisition.sim import FlowSimulator, SimConfig, make_crop_dataset
 from leukoflow.acquisition.sim.optics import fourier_upsample
+from leukoflow.core.physics import CROP_SIZE_PX
 
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
@@ -86,7 +87,7 @@ def run(quick: bool = False) -> dict:
         "crops_per_s_cpu": crops_cpu,
         "crops_per_s_ground_truth": gt_wall,
         "crops_per_s_ground_truth_cpu": gt_cpu,
-        "crop_shape": [64, 64],
+        "crop_shape": [CROP_SIZE_PX, CROP_SIZE_PX],
         "threads": 1,
         "quick": quick,
     }

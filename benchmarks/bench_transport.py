@@ -16,6 +16,7 @@ import numpy as np
 
 from leukoflow.benchmarks.common import machine, main, row
 from leukoflow.core import wire
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
 
 
@@ -54,10 +55,11 @@ def _measure(mode: str, n_msgs: int, per_msg: int, port: int) -> float:
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, 1000)
     s.connect(endpoint)
-    crops = np.random.default_rng(0).normal(size=(per_msg, 64, 64)).astype(np.float32)
+    side = CROP_SIZE_PX
+    crops = np.random.default_rng(0).normal(size=(per_msg, side, side)).astype(np.float32)
     snd = wire.Sender("bench", "acquire")
     msg = snd.message("crops", crops, frame=0, ids=list(range(per_msg)),
-                      bbox=[[0, 0, 64, 64]] * per_msg, feat={})
+                      bbox=[[0, 0, side, side]] * per_msg, feat={})
     for i in range(n_msgs):
         if mode == "raw":
             s.send(crops[0].tobytes(), copy=False)

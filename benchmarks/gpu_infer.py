@@ -30,6 +30,7 @@ from leukoflow.benchmarks.workload_infer import (
     synthetic_crops,
     worker_process,
 )
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
 from leukoflow.inference.backends import create_backend
 
@@ -106,10 +107,10 @@ def run(quick: bool = False, device: str | None = None) -> dict:
         device = "cuda" if "--device" in sys.argv and sys.argv[
             sys.argv.index("--device") + 1] == "cuda" else "cpu"
     if device == "cuda":
-        batch, per_msg, size = 2048, 1024, 64
+        batch, per_msg, size = 2048, 1024, CROP_SIZE_PX
         n_msgs, repeat = (100 if quick else 600), (20 if quick else 200)
     else:
-        batch, per_msg, size = 64, 32, 64
+        batch, per_msg, size = 64, 32, CROP_SIZE_PX
         n_msgs, repeat = (6 if quick else 24), 3
     r = raw(device, batch, size, repeat)
     s = service(device, n_msgs, per_msg, batch, size)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.models.export import export_onnx
 from leukoflow.models.tensorrt_build import EngineRunner, Profile, build_engine, load_engine
 
@@ -64,7 +65,7 @@ def bench_torch(quick: bool) -> dict:
         model = model.to(dev, dtype).eval()
         rows = {}
         for bs in batches:
-            x = torch.randn(bs, 1, 64, 64, device=dev, dtype=dtype)
+            x = torch.randn(bs, 1, CROP_SIZE_PX, CROP_SIZE_PX, device=dev, dtype=dtype)
             with torch.inference_mode():
                 eager = _timeit(lambda x=x, m=model: m(x), sync, iters)
                 row = {"eager_cells_s": bs / eager}
@@ -100,20 +101,20 @@ def bench_tensorrt(quick: bool) -> dict:
     batches = (256,) if quick else (256, 1024, 2048)
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in _models().items():
-            onnx = export_onnx(model.eval(), Path(tmp) / f"{name}.onnx", 64)
+            onnx = export_onnx(model.eval(), Path(tmp) / f"{name}.onnx", CROP_SIZE_PX)
             t0 = time.perf_counter()
-            res = build_engine(onnx, f"bench-{name}".ljust(64, "0"), 64, "fp16",
+            res = build_engine(onnx, f"bench-{name}".ljust(64, "0"), CROP_SIZE_PX, "fp16",
                                Profile(1, 1024, max(batches)), Path(tmp) / "engines")
             build_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            res2 = build_engine(onnx, f"bench-{name}".ljust(64, "0"), 64, "fp16",
+            res2 = build_engine(onnx, f"bench-{name}".ljust(64, "0"), CROP_SIZE_PX, "fp16",
                                 Profile(1, 1024, max(batches)), Path(tmp) / "engines")
             cached_s = time.perf_counter() - t0
             runner = EngineRunner(load_engine(res.engine))
             rows = {}
             ref_model = model.cuda().float().eval()
             for bs in batches:
-                x = torch.randn(bs, 1, 64, 64, device="cuda")
+                x = torch.randn(bs, 1, CROP_SIZE_PX, CROP_SIZE_PX, device="cuda")
                 sec = _timeit(lambda x=x, r=runner: r(x), torch.cuda.synchronize, 50)
                 with torch.inference_mode():
                     ref = ref_model(x)

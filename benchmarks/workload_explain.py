@@ -15,13 +15,15 @@ from __future__ import annotations
 import numpy as np
 
 from leukoflow.acquisition.sim import make_crop_dataset
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.explain.model import ModelBundle
 from leukoflow.explain.service import ExplainConfig, ExplainService
 from leukoflow.models.calibration import fit_temperature
 from leukoflow.models.train import TrainConfig, train_model
 
 
-def toy_crops(n_per_class: int, seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def toy_crops(n_per_class: int, seed: int = 0,
+              size: int = CROP_SIZE_PX) -> tuple[np.ndarray, np.ndarray]:
     """Toy phase crops (N, size, size) float32 [rad] and labels (N,) (see module doc)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float64)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core import wire
+from leukoflow.core.physics import CROP_SIZE_PX, PIXEL_UM
 from leukoflow.core.stats import softmax_t
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.inference.decision import rule_from_artifact
@@ -22,7 +23,7 @@ from leukoflow.models.artifact import load_artifact, save_artifact
 from leukoflow.models.ood import DETECTORS
 
 
-def synthetic_crops(n: int, size: int = 64, seed: int = 0,
+def synthetic_crops(n: int, size: int = CROP_SIZE_PX, seed: int = 0,
                     dtype: Any = np.float32) -> np.ndarray:
     """Blob-like phase crops ``(n, size, size)`` [rad]: a disc of random radius and height
     plus a random nucleus and noise, so an untrained network spreads its outputs."""
@@ -74,7 +75,7 @@ def make_test_artifact(folder: str | Path, input_size: int = 32, seed: int = 0,
     conf = softmax_t(logits, temperature).max(1)
     card = {
         "architecture": "lenet5", "arch_kwargs": {}, "input_size": input_size,
-        "pixel_size_um": 0.34, "normalisation": {"mean": mean, "std": std},
+        "pixel_size_um": PIXEL_UM, "normalisation": {"mean": mean, "std": std},
         "class_names": list(CLASS_NAMES), "temperature": temperature,
         "confidence_threshold": float(np.median(conf)),
         "ood": {"detector": detector, "params": det.params, "threshold": thr},
@@ -181,7 +182,7 @@ class ResultsSink:
         self.sock.close(0)
 
 
-def produce(endpoint: str, n_messages: int, crops_per_message: int, size: int = 64,
+def produce(endpoint: str, n_messages: int, crops_per_message: int, size: int = CROP_SIZE_PX,
             dtype: str = "float32", run: str = "bench", seed: int = 0, hwm: int = 16,
             bind: bool = True, ready: Any = None) -> None:
     """Synthetic acquisition: send ``n_messages`` valid crop messages, then ``eos``.
@@ -312,10 +313,10 @@ class SyntheticArtifact:
     class_names = CLASS_NAMES
     temperature = 1.0
     confidence_threshold = 0.25  # untrained: max p is barely above 1/K, count them all
-    pixel_size_um = 0.34
+    pixel_size_um = PIXEL_UM
     normalisation = {"mean": 0.0, "std": 1.0}
 
-    def __init__(self, input_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, input_size: int = CROP_SIZE_PX, seed: int = 0) -> None:
         self.input_size = int(input_size)
         self.seed = int(seed)
         self.name = f"synthetic-lenet5-{input_size}"

@@ -29,6 +29,7 @@ import numpy as np
 
 from leukoflow.core import transport, wire
 from leukoflow.core.metrics import ServiceMetrics
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.service import ServiceScaffold, StopSignals
 
 log = logging.getLogger("leukoflow.explain")
@@ -278,7 +279,7 @@ class ExplainService:
                       "batch_size": 32 if self.config.device == "cpu" else 8192}
             self.explainers.append(EXPLAINERS.create(name, bundle=self.bundle, **kw))
         # warm-up on a blank crop so the first real cell is not slowed by lazy init
-        s = self.bundle.module.input_size or 64
+        s = self.bundle.module.input_size or CROP_SIZE_PX
         for e in self.explainers:
             e.explain(np.zeros((1, s, s), np.float32), [0])
         self.crop_side = int(s)

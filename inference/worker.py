@@ -41,6 +41,7 @@ import numpy as np
 
 from leukoflow.core import transport, wire
 from leukoflow.core.config import as_dict, bounded
+from leukoflow.core.physics import CropSizeError, check_crop_size
 from leukoflow.core.service import (
     ServiceScaffold,
     control_message,
@@ -202,6 +203,7 @@ class InferWorker:
         self._thread: threading.Thread | None = None
         self._inflight: list[_InFlight] = []
         self._last_run = ""
+        self._size_warned: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> InferWorker:
@@ -305,7 +307,8 @@ class InferWorker:
         """Every parameter of this worker (config, backend, decision rule)."""
 
         return {"config": as_dict(self.config), "backend": self._backend.describe(),
-                "decision": self.rule.describe(), "model": self.model_name}
+                "decision": self.rule.describe(), "model": self.model_name,
+                "input_size": int(self._backend.input_size)}
 
     def _hello(self) -> None:
         """Tell the collector who this worker is and with which parameters it runs."""
@@ -423,6 +426,12 @@ class InferWorker:
         ids = np.asarray(h["ids"], dtype=np.int64)
         s = self._backend.input_size
         if x.shape[1:] != (s, s):
+            if x.ndim == 3 and x.shape[1] == x.shape[2] and x.shape[1] not in self._size_warned:
+                self._size_warned.add(x.shape[1])  # once per size: say why, then count
+                try:
+                    check_crop_size(x.shape[1], s, f"model {self.model_name!r}")
+                except CropSizeError as exc:
+                    log.error("%s (from %s)", exc, h["sender"])
             self._reject_cells("shape", h["run"], ids, message=True)
             return
         self.metrics["leukoflow_inference_request_success_total"].inc()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812  (only for softmax/log-softmax, never relu)
 
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.registry import Registry
 from leukoflow.core.vocabulary import CLASS_NAMES
 
@@ -134,7 +135,7 @@ class LeNet5(PhaseCNN):
         Number of output classes K.
     """
 
-    def __init__(self, in_size: int = 64, num_classes: int = len(CLASS_NAMES)) -> None:
+    def __init__(self, in_size: int = CROP_SIZE_PX, num_classes: int = len(CLASS_NAMES)) -> None:
         super().__init__()
         if in_size < 16:
             raise ValueError(f"LeNet5 needs in_size >= 16 px, got {in_size}")
@@ -177,7 +178,7 @@ class AlexNet(PhaseCNN):
         Dropout probability before each hidden fc layer (training only).
     """
 
-    def __init__(self, in_size: int = 64, num_classes: int = len(CLASS_NAMES),
+    def __init__(self, in_size: int = CROP_SIZE_PX, num_classes: int = len(CLASS_NAMES),
                  width: float = 1.0, hidden: int = 4096, dropout: float = 0.5) -> None:
         super().__init__()
         if in_size < 32:
@@ -295,7 +296,7 @@ class LeNet5VI(nn.Module):
         Seed of the evaluation-time weight samples.
     """
 
-    def __init__(self, in_size: int = 64, num_classes: int = len(CLASS_NAMES),
+    def __init__(self, in_size: int = CROP_SIZE_PX, num_classes: int = len(CLASS_NAMES),
                  n_samples: int = 20, prior_sigma: float = 1.0, mc_seed: int = 0) -> None:
         super().__init__()
         base = LeNet5(in_size, num_classes)

@@ -41,15 +41,16 @@ DESCRIPTOR_DETECTORS: tuple[str, ...] = ("descriptors", "combined")
 def model_card_text(name: str, arch: str, splits: Splits) -> dict[str, str]:
     """The human part of a card: intended use, data, limitations."""
     gen = splits.source.get("generator")
+    side = splits.train.x.shape[-1]  # crop side of the training data [px]
     if gen == "acquisition.pipeline_dataset.make_pipeline_dataset":
-        data = ("Simulated off-axis QPI phase crops (64 x 64 px at "
+        data = (f"Simulated off-axis QPI phase crops ({side} x {side} px at "
                 f"{splits.pixel_size_um} µm/px, rad) of the four leukocyte classes, cut by the "
                 "live acquisition path (flow simulator frames -> reconstruction -> "
                 "segmentation -> quality gates -> tracking -> crop), each labelled by the "
                 "ground truth it was traced to; test cells and OOD objects (gates opened) "
                 "from an independent simulator seed.")
     elif gen == "acquisition.sim.make_crop_dataset":
-        data = ("Simulated off-axis QPI phase crops (64 x 64 px at "
+        data = (f"Simulated off-axis QPI phase crops ({side} x {side} px at "
                 f"{splits.pixel_size_um} µm/px, rad) of the four leukocyte classes, rendered "
                 "through the hologram + reconstruction path of acquisition.sim; test cells and "
                 "OOD objects from an independent simulator seed.")

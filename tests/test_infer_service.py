@@ -6,6 +6,7 @@ around a worker that connects to all three, as in production.
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -255,8 +256,10 @@ def test_gaps_and_sender_restart_are_counted(artifact, cache_dir):
         assert "leukoflow_sequence_gaps_total 4.0" in text
 
 
-def test_bad_messages_are_rejected_with_reasons_and_worker_keeps_running(artifact, cache_dir):
+def test_bad_messages_are_rejected_with_reasons_and_worker_keeps_running(artifact, cache_dir,
+                                                                         caplog):
     x = synthetic_crops(10, SIZE, seed=7)
+    caplog.set_level(logging.ERROR, logger="leukoflow.inference.worker")
     with rig(artifact, cache_dir) as r:
         s = r.sender
         # corrupt msgpack
@@ -270,8 +273,9 @@ def test_bad_messages_are_rejected_with_reasons_and_worker_keeps_running(artifac
         # payload size mismatch (3 cells announced, 2 sent)
         h = msgpack.unpackb(wire.encode(crop_message(s, x[:3], 600))[0])
         r.producer.send_multipart([msgpack.packb(h), x[:2].tobytes()])
-        # wrong crop size for the model: 16 x 16 crops
-        r.send_crops(synthetic_crops(4, 16, seed=1), first_id=700)
+        # wrong crop size for the model: 16 x 16 crops (twice: said once, counted each time)
+        r.send_crops(synthetic_crops(2, 16, seed=1), first_id=700)
+        r.send_crops(synthetic_crops(2, 16, seed=2), first_id=702)
         # NaN in two of five crops: only those two are rejected
         y = x[:5].copy()
         y[1, 3, 3] = np.nan
@@ -293,13 +297,19 @@ def test_bad_messages_are_rejected_with_reasons_and_worker_keeps_running(artifac
         assert got == [800, 802, 803] + list(range(900, 905))
         rej = [m.header["stats"] for m in r.sink.control
                if m.header["stats"].get("event") == "rejected"]
-        ids = {st["reason"]: sorted(st["ids"]) for st in rej}
+        ids: dict[str, list[int]] = {}
+        for st in rej:
+            ids[st["reason"]] = sorted(ids.get(st["reason"], []) + st["ids"])
         assert ids["non_finite"] == [801, 804]
         assert ids["shape"] == [700, 701, 702, 703]
         assert ids["dtype"] == [500, 501]
         assert tot["received_cells"] == 2 + 3 + 4 + 5 + 5
         assert r.worker.accounting.balanced()
         assert r.worker.finished.is_set() is False  # still serving
+        # the size mismatch is named once, with both sizes and the fix
+        said = [rec.getMessage() for rec in caplog.records if "would be rejected" in
+                rec.getMessage()]
+        assert len(said) == 1 and "16 px crops" in said[0] and f"takes {SIZE} px" in said[0]
 
 
 def test_metrics_health_and_control_stop(artifact, cache_dir):
@@ -328,6 +338,7 @@ def test_metrics_health_and_control_stop(artifact, cache_dir):
         st = hello[0].header["stats"]
         assert st["config"]["max_batch"] == 32 and st["backend"]["backend"] == "torch-cpu"
         assert st["decision"]["temperature"] == artifact.temperature
+        assert st["input_size"] == SIZE  # what crop size this worker can take
         # a heartbeat with totals reaches the collector
         assert r.sink.wait_for(lambda s: len(s.heartbeats) > 0, 10)
         # control stop: graceful exit, readiness gone

@@ -27,7 +27,7 @@ from leukoflow.acquisition.sim.optics import (
 )
 from leukoflow.acquisition.sim.params import SimConfig
 from leukoflow.acquisition.sim.render import PhaseObject
-from leukoflow.core.physics import dry_mass_pg
+from leukoflow.core.physics import CROP_SIZE_PX, dry_mass_pg
 from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
 #: Phase threshold of the feature mask [rad].
@@ -244,7 +244,8 @@ def resolve_kinds(classes: Sequence[str] | None, ood_kinds: Sequence[str] | None
     return classes, ood_kinds
 
 
-def make_crop_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0, crop: int = 64,
+def make_crop_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0,
+                      crop: int = CROP_SIZE_PX,
                       through_hologram: bool = True, cfg: SimConfig | None = None,
                       classes: Sequence[str] | None = None,
                       ood_kinds: Sequence[str] | None = None, shuffle: bool = True,

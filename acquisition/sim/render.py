@@ -15,6 +15,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from leukoflow.core.physics import PIXEL_UM, WAVELENGTH_UM
 from leukoflow.core.vocabulary import CLASS_NAMES
 
 
@@ -44,8 +45,8 @@ class RenderContext:
         :class:`leukoflow.acquisition.sim.params.BeadModel` of the reference beads.
     """
 
-    pixel_um: float = 0.34
-    wavelength_um: float = 0.530
+    pixel_um: float = PIXEL_UM
+    wavelength_um: float = WAVELENGTH_UM
     medium_index: float = 1.335
     smoothing_px: float = 0.6
     class_probs: dict[str, float] = field(

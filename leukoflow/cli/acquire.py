@@ -30,6 +30,7 @@ def acquire(
     accounting/EOS control messages to the collector. Stops on SIGTERM/SIGINT, at
     --frames/--duration, or at the end of a file source.
     """
+    from leukoflow.acquisition.pipeline import SECTION as PIPELINE_SECTION
     from leukoflow.acquisition.pipeline import PipelineConfig
     from leukoflow.acquisition.service import AcquireService
     from leukoflow.acquisition.sources import SourceError
@@ -37,7 +38,7 @@ def acquire(
 
     cfg = ACQUIRE.resolve(ctx)
     try:
-        pcfg = resolve("acquire_pipeline", PipelineConfig, {})
+        pcfg = resolve(PIPELINE_SECTION, PipelineConfig, {})
     except ConfigError as exc:
         typer.echo(f"acquire: {exc}", err=True)
         raise typer.Exit(code=2) from exc

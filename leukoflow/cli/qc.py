@@ -18,6 +18,8 @@ from typing import Annotated
 
 import typer
 
+from leukoflow.core.physics import DEFAULT_OPTICS, PIXEL_UM, WAVELENGTH_UM
+
 qc_app = typer.Typer(
     name="qc",
     help="Reference-particle QC: measure beads, set the scale, check focus.",
@@ -126,11 +128,11 @@ def status_cmd(
 def fit_cmd(
     image: Annotated[Path, typer.Argument(help="Phase image [rad]: .npy or .npz (first "
                                           "array, or --key).", exists=True, dir_okay=False)],
-    pixel_um: Annotated[float, typer.Option("--pixel-um", help="Pixel size [µm].")] = 0.34,
+    pixel_um: Annotated[float, typer.Option("--pixel-um", help="Pixel size [µm].")] = PIXEL_UM,
     wavelength_um: Annotated[float, typer.Option("--wavelength-um",
-                                                 help="Vacuum wavelength [µm].")] = 0.530,
-    medium_index: Annotated[float, typer.Option("--medium-index",
-                                                help="Medium refractive index.")] = 1.335,
+                                                 help="Vacuum wavelength [µm].")] = WAVELENGTH_UM,
+    medium_index: Annotated[float, typer.Option(
+        "--medium-index", help="Medium refractive index.")] = DEFAULT_OPTICS.medium_index,
     key: Annotated[str | None, typer.Option("--key", help="Array name in a .npz.")] = None,
     tilt: Annotated[bool, typer.Option(
         "--tilt/--no-tilt", help="Remove a tilt fitted to the 5-px border pixels below a "

@@ -19,6 +19,8 @@ from typing import Annotated
 
 import typer
 
+from leukoflow.core.physics import CROP_SIZE_PX
+
 simulate_app = typer.Typer(
     name="simulate",
     help="Simulated QPI flow instrument: write a raw run or a labeled crop dataset (.rtdc).",
@@ -141,7 +143,7 @@ def crops_cmd(
     ood_per_kind: Annotated[int, typer.Option("--ood-per-kind", min=0,
                                               help="Crops per OOD kind.")] = 0,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
-    crop: Annotated[int, typer.Option("--crop", min=16, help="Crop side (px).")] = 64,
+    crop: Annotated[int, typer.Option("--crop", min=16, help="Crop side (px).")] = CROP_SIZE_PX,
     no_hologram: Annotated[bool, typer.Option(
         "--no-hologram", help="Noise-free ground-truth phase instead of demodulated "
         "holograms.")] = False,

@@ -1,5 +1,8 @@
 """Physical constants and the default optical geometry of the simulated instrument.
 
+The one source of the wavelength, the pixel sizes and the crop size: everything else reads
+:data:`DEFAULT_OPTICS` (or :data:`CROP_SIZE_PX`, :data:`PIXEL_UM`, :data:`WAVELENGTH_UM`).
+
 All lengths in µm, frequencies in cycles per camera pixel. See docs/CONTRACTS.md for the
 reasoning behind each default; change them with reason and keep that table true.
 """
@@ -73,13 +76,46 @@ class Optics:
 
 
 DEFAULT_OPTICS = Optics()
+"""The instrument's optics: the one source of wavelength, pixel sizes and crop size."""
+
+#: Side of the square cell crops the acquisition cuts and the models take [px].
+CROP_SIZE_PX: int = DEFAULT_OPTICS.crop_size
+#: Pixel size of the reconstructed phase grid (the crops' pixel) [µm].
+PIXEL_UM: float = DEFAULT_OPTICS.pixel_um
+#: Illumination wavelength [µm].
+WAVELENGTH_UM: float = DEFAULT_OPTICS.wavelength_um
 
 
-def phase_from_opd(delta_n_thickness_um: float, wavelength_um: float = 0.530) -> float:
-    """Phase [rad] of an optical path difference Δn·t [µm] at ``wavelength_um`` [µm]."""
-    return 2.0 * math.pi / wavelength_um * delta_n_thickness_um
+class CropSizeError(ValueError):
+    """The acquisition's crop size differs from the model's input size."""
 
 
-def dry_mass_pg(phase_sum_rad: float, pixel_um: float, wavelength_um: float = 0.530) -> float:
+def check_crop_size(crop_px: int, model_px: int, model: str = "the model") -> None:
+    """Refuse crops the model cannot take (instead of rejecting every cell as ``shape``).
+
+    Parameters
+    ----------
+    crop_px : int
+        Side of the crops the acquisition cuts [px] (``[acquire_pipeline] crop_size``).
+    model_px : int
+        Side of the model's input [px] (its card's ``input_size``).
+    model : str
+        The model, for the message.
+
+    Raises
+    ------
+    CropSizeError
+        When the sizes differ, with both sizes and how to fix it.
+    """
+    if int(crop_px) != int(model_px):
+        raise CropSizeError(
+            f"the acquisition cuts {int(crop_px)} px crops but {model} takes {int(model_px)} px:"
+            f" every cell would be rejected as 'shape'. Set [acquire_pipeline] crop_size ="
+            f" {int(model_px)} (LEUKOFLOW_ACQUIRE_PIPELINE_CROP_SIZE) or use a model trained on"
+            f" {int(crop_px)} px crops.")
+
+
+def dry_mass_pg(phase_sum_rad: float, pixel_um: float,
+                wavelength_um: float = WAVELENGTH_UM) -> float:
     """Dry mass [pg] from the summed phase [rad] over a cell on pixels of ``pixel_um`` [µm]."""
     return wavelength_um / (2.0 * math.pi * ALPHA_UM3_PER_PG) * phase_sum_rad * pixel_um**2

@@ -64,6 +64,7 @@ from scipy import ndimage as ndi
 from torch import nn
 
 from leukoflow.acquisition.sim.cells import leukocyte_model
+from leukoflow.core.physics import PIXEL_UM
 
 #: The two class pairs of the seed paper's finding: (interior pair, size pair).
 FINDING_PAIRS: tuple[tuple[str, str], ...] = (("monocyte", "eosinophil"),
@@ -101,7 +102,7 @@ class FindingConfig:
     seed : int
     """
 
-    pixel_um: float = 0.34
+    pixel_um: float = PIXEL_UM
     rim_um: float = 1.0
     threshold_rad: float = 0.25
     blur_um: float = 1.0
@@ -115,7 +116,7 @@ class FindingConfig:
 
 # -- regions and ablations ------------------------------------------------------------------
 
-def cell_regions(x: np.ndarray, pixel_um: float = 0.34, rim_um: float = 1.0,
+def cell_regions(x: np.ndarray, pixel_um: float = PIXEL_UM, rim_um: float = 1.0,
                  threshold_rad: float = 0.25) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cell mask, interior and rim of one phase crop.
 

@@ -38,6 +38,7 @@ from leukoflow.acquisition.sim import SimConfig, make_crop_dataset
 from leukoflow.acquisition.sim.cells import OBJECT_MODELS
 from leukoflow.acquisition.sim.dataset import _HologramPath, place
 from leukoflow.acquisition.sim.flow import render_context
+from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.vocabulary import CLASS_NAMES
 
 
@@ -506,7 +507,7 @@ def concept_model(kind: str, concept: str):
     return type(f"{base.__name__}_{concept}", (base,), attrs)()
 
 
-def render_crops(models: Sequence[Any], seed: int, crop: int = 64,
+def render_crops(models: Sequence[Any], seed: int, crop: int = CROP_SIZE_PX,
                  through_hologram: bool = True, stream: int = 0) -> np.ndarray:
     """Crops (N, crop, crop) [rad] of one object per model, as ``make_crop_dataset`` makes them.
 
@@ -542,7 +543,7 @@ def render_crops(models: Sequence[Any], seed: int, crop: int = 64,
     return out
 
 
-def sim_concept_sets(concepts: Sequence[str], n: int, seed: int = 0, crop: int = 64
+def sim_concept_sets(concepts: Sequence[str], n: int, seed: int = 0, crop: int = CROP_SIZE_PX
                      ) -> dict[str, np.ndarray]:
     """Concept crop sets: ``n`` cells each, classes in equal shares, property imposed.
 
@@ -560,7 +561,7 @@ def sim_concept_sets(concepts: Sequence[str], n: int, seed: int = 0, crop: int =
 
 def tcav_sim(bundle, concepts: Sequence[str] = tuple(EXPECTED_CONCEPTS), n_concept: int = 60,
              n_inputs: int = 60, n_random: int = 10, layer: str | Sequence[str] | None = None,
-             seed: int = 0, crop: int = 64, n_control: int = 10) -> dict[str, Any]:
+             seed: int = 0, crop: int = CROP_SIZE_PX, n_control: int = 10) -> dict[str, Any]:
     """TCAV of ``bundle`` with simulator concepts, natural random sets and a random control.
 
     Parameters
@@ -617,40 +618,3 @@ def tcav_sim(bundle, concepts: Sequence[str] = tuple(EXPECTED_CONCEPTS), n_conce
             for ly, d in res["by_layer"].items()}
         for c, k in res["expected"].items() if k in res["results"]}
     return res
-
-
-def sim_truth_crops(n_per_class: int, seed: int = 0, crop: int = 64, noise_rad: float = 0.02
-                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Crops rendered by the simulated instrument's cell models with their ground truth.
-
-    Each leukocyte is drawn by ``leukoflow.acquisition.sim.OBJECT_MODELS`` and placed in a crop
-    (noise-free phase plus white noise of ``noise_rad`` [rad]); the drawn morphology comes
-    back as truth arrays: ``diameter_um`` [µm], ``lobes`` (nuclear lobes, 0 = round or
-    kidney-shaped), ``granules`` (count), ``granule_phase_rad`` (peak phase per granule).
-
-    Returns
-    -------
-    x : ndarray float32 (N, crop, crop) [rad]
-    y : ndarray int64 (N,)
-    truth : dict of ndarray (N,)
-    """
-    ctx = render_context(SimConfig(seed=seed))
-    rng = np.random.default_rng([seed, 0x7CA5])
-    xs, ys = [], []
-    truth: dict[str, list[float]] = {"diameter_um": [], "lobes": [], "granules": [],
-                                     "granule_phase_rad": []}
-    for c, name in enumerate(CLASS_NAMES):
-        model = OBJECT_MODELS.get(name)()
-        for _ in range(n_per_class):
-            obj = model.render(rng, ctx)
-            ph, _amp = place(obj, crop)
-            xs.append(ph + rng.normal(0, noise_rad, ph.shape))
-            ys.append(c)
-            p = obj.params
-            truth["diameter_um"].append(float(obj.diameter_um))
-            truth["lobes"].append(float(p.get("lobes", 0)))
-            truth["granules"].append(float(p.get("granules", 0)))
-            truth["granule_phase_rad"].append(float(p.get("granule_phase_rad", 0.0))
-                                              if p.get("granules", 0) else 0.0)
-    return (np.asarray(xs, np.float32), np.asarray(ys, np.int64),
-            {k: np.asarray(v) for k, v in truth.items()})

@@ -43,6 +43,7 @@ from leukoflow.core.service import StopSignals, control_message
 from leukoflow.core.vocabulary import DECISIONS
 from leukoflow.reports.report import write_run_report
 from leukoflow.run.liveview import StateFeed
+from leukoflow.run.preflight import check_model_crop_size
 from leukoflow.run.qc_gate import qc_for_run, sim_params
 
 log = logging.getLogger(__name__)
@@ -509,6 +510,8 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
         Live view to update (started and stopped here).
     """
 
+    # refuse crops the model cannot take (CropSizeError) before anything starts
+    crop_check = check_model_crop_size(opts.source, opts.model)
     opts.run_id = opts.run_id or _new_run_id()
     run_dir = Path(opts.out or Path("runs") / opts.run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -520,6 +523,7 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
     params = {"run": asdict(opts), "endpoints": opts.endpoints(),
               "metrics_ports": opts.metrics_ports(), "qc": qc,
               **sim_params(opts.source, opts.seed)}
+    params["crop_check"] = crop_check
     (run_dir / "run_params.json").write_text(json.dumps(params, indent=1))
     specs = build_specs(opts, run_dir)
     if "source" in specs and qc_env:  # the acquisition uses the last passing QC's scale
