@@ -5,10 +5,10 @@ measures on a reference sample of the nominal instrument: per predicted class, t
 standard deviation of cell size, dry mass (log), mean phase, focus metric (log), amplitude
 spread (log) and of the penultimate-layer features projected on their first principal
 axes; the rates of uncertain and OOD decisions; and the predicted class fractions of the
-reference mix. Features are compared *per predicted class* so that a patient's differential
-(a different mix of the same cells) is not mistaken for drift; the decision rates and,
-when the run measures the reference mix itself (``reference_mix``), the class fractions
-are compared over all cells.
+reference mix. Features and decision rates are compared *per predicted class* so that a
+patient's differential (a different mix of the same cells) is not mistaken for drift;
+only when the run measures the reference mix itself (``reference_mix``, a control sample)
+are the class fractions compared too.
 
 :class:`DriftMonitor` is a sequential test with a controlled false-alarm probability per
 run. Cells are taken in arrival order; every ``window`` cells is a checkpoint k = 1, 2, ...
@@ -50,7 +50,9 @@ FEATURE_DOC: dict[str, str] = {
     "pha_mean": "mean phase [rad]", "focus": "focus metric [rad²/µm²]",
     "amp_std": "amplitude spread (defocus fringes)",
     "pen": "penultimate-layer feature projection (principal axis)",
-    "rate": "fraction of cells", "fraction": "predicted fraction of the reference mix",
+    "uncertain": "fraction of uncertain decisions among cells of this most probable class",
+    "ood": "fraction of OOD decisions among cells of this most probable class",
+    "fraction": "predicted fraction of the reference mix",
 }
 #: Prefix of the penultimate-layer projections in the results' ``feat`` map.
 PEN_PREFIX = "pen"
@@ -206,7 +208,8 @@ class DriftReference:
         ``{feature: {group: {n, mean, sd, tau, q}}}`` with group ``all`` or a class name;
         feature values transformed as in :data:`FEATURES` (``pen<i>``: projections).
     rates : dict
-        ``{"uncertain": {n, p, tau}, "ood": {...}}`` over all cells.
+        ``{"uncertain": {class: {n, p, tau}}, "ood": {...}}``: decision rates among the
+        cells whose most probable class is ``class``.
     fractions : dict
         Predicted class fractions of the counted cells of the reference mix
         (``{class: {n, p, tau}}``).
@@ -270,7 +273,9 @@ class DriftReference:
                 out["tau"] = _between(x, parts[sel])
             return out
 
-        rates = {"uncertain": rate(code == _UNCERTAIN), "ood": rate(code == _OOD)}
+        # decision rates per predicted class (argmax), so a different mix is not drift
+        rates = {r: {c: rate(code == k, pred == i) for i, c in enumerate(names)}
+                 for r, k in (("uncertain", _UNCERTAIN), ("ood", _OOD))}
         fractions = {c: rate(pred == i, counted) for i, c in enumerate(names)}
         return cls(names, feats, rates, fractions, proj, transforms)
 
@@ -346,8 +351,10 @@ class DriftMonitor:
                 if g in groups:
                     self.tests.append(_Test(f"{f}|{g}", "mean", f, g, groups[g]))
         for r in ("uncertain", "ood"):
-            if r in reference.rates:
-                self.tests.append(_Test(f"{r}|all", "rate", r, "all", reference.rates[r]))
+            for g in self.classes:
+                m = reference.rates.get(r, {}).get(g)
+                if m and m.get("n", 0) >= 10:
+                    self.tests.append(_Test(f"{r}|{g}", "rate", r, g, m))
         if self.cfg.reference_mix:
             for c, m in reference.fractions.items():
                 self.tests.append(_Test(f"fraction|{c}", "fraction", "fraction", c, m))
@@ -417,7 +424,8 @@ class DriftMonitor:
                 v = v[np.isfinite(v)]
                 add = np.array([v.size, v.sum(), (v * v).sum()])
             elif t.kind == "rate":
-                hit = code == (_UNCERTAIN if t.feature == "uncertain" else _OOD)
+                sel = pred == self.classes.index(t.group)
+                hit = code[sel] == (_UNCERTAIN if t.feature == "uncertain" else _OOD)
                 add = np.array([hit.size, hit.sum(), 0.0])
             else:  # fraction of counted cells
                 i = self.classes.index(t.group)
