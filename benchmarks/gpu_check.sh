@@ -11,6 +11,11 @@ if [ -d .gpu-wheels ]; then
     .gpu-wheels/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site
 fi
+# pycuda (the lean TensorRT runtime) is an sdist: build it where the CUDA headers are
+if ls .gpu-wheels/pycuda-*.tar.gz >/dev/null 2>&1 && [ -f /usr/local/cuda/include/cuda.h ]; then
+  CUDA_ROOT=/usr/local/cuda $PY -m pip install --quiet --no-index --no-deps \
+    --no-build-isolation --target /tmp/site .gpu-wheels/pycuda-*.tar.gz 2>&1 | tail -2
+fi
 # the project installs as one namespace (leukoflow.*); build it into /tmp/site (no network:
 # --no-deps --no-build-isolation uses the interpreter's own setuptools)
 $PY -m pip install --quiet --no-deps --no-build-isolation --no-compile --target /tmp/site . \
@@ -34,6 +39,8 @@ run gpu_reconstruct 120 $PY benchmarks/gpu_reconstruct.py --device cuda
 run gpu_models      150 $PY benchmarks/gpu_models.py
 run gpu_infer       150 $PY benchmarks/gpu_infer.py --device cuda
 run gpu_explain     120 $PY benchmarks/gpu_explain.py
+# TensorRT through pycuda alone vs through torch CUDA, same engine, side by side
+run gpu_trt_paths   150 $PY benchmarks/gpu_trt_paths.py
 echo "== pytest -m gpu"
 timeout 120 $PY -m pytest -q -m gpu --tb=short -p no:cacheprovider tests/test_cuda.py tests/test_infer_backends.py tests/test_reconstruct_gpu_script.py 2>&1 | tail -40 || status=1
 

@@ -11,7 +11,10 @@ grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo '/.gpu-wheels/' >
 .venv/bin/python -m pip download --quiet --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
   --no-deps -d .gpu-wheels \
-  pyzmq captum
+  pyzmq captum pytools platformdirs siphash24 mako
+# pycuda ships as an sdist only (built on the GPU machine by gpu_check.sh); TensorRT comes
+# from NVIDIA's index, which the GPU machine must provide itself
+.venv/bin/python -m pip download --quiet --no-deps --no-binary=:all: -d .gpu-wheels pycuda
 du -sh .gpu-wheels
 # the PBC arrays for benchmarks/gpu_train_pbc.sh (../shared does not travel to the device)
 mkdir -p .gpu-data
