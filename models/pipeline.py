@@ -20,7 +20,7 @@ import numpy as np
 
 from leukoflow.core.jsonutil import json_safe
 from leukoflow.core.stats import softmax_t
-from leukoflow.models.artifact import load_artifact, save_artifact, update_card
+from leukoflow.models.artifact import save_artifact
 from leukoflow.models.calibration import (
     calibration_report,
     fit_temperature,
@@ -268,30 +268,6 @@ def evaluate_splits(model, splits: Splits, mean: float, std: float, arch: str,
         report["variational"] = _vi_extra(model, normalise(splits.test.x, mean, std),
                                           splits.test.y, n_boot)
     return report, dets, temperature, (z_te, z_va)
-
-
-def reevaluate(artifact_path: str | Path, data: str | Path | Splits, data_seed: int = 0,
-               n_boot: int = 1000) -> dict[str, Any]:
-    """Recompute an artifact's card ``metrics`` with the current evaluation code.
-
-    The stored temperature and primary OOD detector are kept; the other reported detectors
-    are refitted on the training split exactly as at training time (deterministic). Only
-    the card's ``metrics`` and ``ood_detectors_reported`` change; the weights do not.
-    """
-
-    art = load_artifact(artifact_path)
-    splits = data if isinstance(data, Splits) else load_splits(data, seed=data_seed)
-    n = art.normalisation
-    params = {k: {kk: vv for kk, vv in v.get("params", {}).items()
-                  if kk not in ("alpha", "temperature", "n_samples")}
-              for k, v in art.card.get("ood_detectors_reported", {}).items()}
-    report, dets, _, _ = evaluate_splits(
-        art.build_model(), splits, n["mean"], n["std"], art.architecture, art.ood["detector"],
-        tuple(art.card.get("ood_detectors_reported", DEFAULT_DETECTORS)),
-        float(art.ood.get("alpha", 0.05)), art.confidence_threshold, n_boot, params,
-        temperature=art.temperature)
-    return update_card(art.path, {"metrics": report, "ood_detectors_reported": {
-        k: {"params": d.params, "threshold": d.threshold} for k, d in dets.items()}})
 
 
 def _vi_extra(model, x_norm: np.ndarray, y: np.ndarray, n_boot: int) -> dict[str, Any]:

@@ -129,12 +129,6 @@ def trt_version(trt: ModuleType) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-def trt_major(trt: ModuleType) -> int:
-    """Major TensorRT version (0 when unknown)."""
-    m = re.match(r"(\d+)", trt_version(trt))
-    return int(m.group(1)) if m else 0
-
-
 def fp16_strategy(trt: ModuleType, precision: str, fp16_onnx_possible: bool = True) -> str:
     """How to obtain the requested precision with this TensorRT.
 

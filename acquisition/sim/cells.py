@@ -91,10 +91,6 @@ class LeukocyteParams:
     granule_phase_rad: tuple[float, float] = (0.02, 0.05)
     texture_rad: float = 0.04
 
-    def mean_diameter_um(self) -> float:
-        """Mean of the (unclipped) normal diameter distribution [µm]."""
-        return self.diameter_um[0]
-
 
 def _u(rng: np.random.Generator, r: tuple[float, float]) -> float:
     return float(rng.uniform(r[0], r[1]))

@@ -108,7 +108,6 @@ class RtdcWriter:
         self._h5.attrs.update(flatten_meta(meta or {}))
         self._h5.attrs["setup:software version"] = _software_version()
         self._pending_tables: dict[str, np.ndarray] = {}
-        self._pending_logs: dict[str, list[str]] = {}
         self._pending_attrs: dict[str, Any] = {}
         if params:
             self._h5.attrs.update(flatten_meta({"user": _flat_params(params)}))
@@ -183,10 +182,6 @@ class RtdcWriter:
         """Store a structured array under ``tables/<name>`` (written at close)."""
         self._pending_tables[name] = np.asarray(table)
 
-    def add_log(self, name: str, lines: list[str] | str) -> None:
-        """Store text lines under ``logs/<name>`` (written at close)."""
-        self._pending_logs[name] = [lines] if isinstance(lines, str) else list(lines)
-
     def set_meta(self, section: str, key: str, value: Any) -> None:
         """Set one metadata attribute (written at close)."""
         self._pending_attrs[f"{section}:{key}"] = _attr_value(value)
@@ -220,8 +215,6 @@ class RtdcWriter:
                     if name in grp:
                         del grp[name]
                     grp.create_dataset(name, data=tab, **_compression())
-            for name, lines in self._pending_logs.items():
-                self._write_log(h5, name, lines)
 
     def __enter__(self) -> RtdcWriter:
         return self

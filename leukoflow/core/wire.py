@@ -143,10 +143,6 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_num(x: Any) -> bool:
-    return (isinstance(x, int | float)) and not isinstance(x, bool)
-
-
 def _req(h: Mapping, key: str) -> Any:
     if key not in h:
         raise WireError("missing_field", key)

@@ -902,9 +902,3 @@ class Collector:
     def stop(self) -> None:
         """Break the loop immediately (tests); prefer :meth:`request_stop`."""
         self._stop.set()
-
-
-
-def run_collector(cfg: CollectorConfig) -> dict[str, Any]:
-    """Run a collector until its stream ends; return the final summary."""
-    return Collector(cfg).run()
