@@ -60,6 +60,7 @@ GLOBAL_ENV: frozenset[str] = frozenset({
     "LEUKOFLOW_TRITON_CONFIG",   # Triton benchmark configuration (benchmarks/bench_triton)
     "LEUKOFLOW_IMAGE",           # container images (deploy/compose*.yaml)
     "LEUKOFLOW_CUDA_IMAGE",
+    "LEUKOFLOW_CUDA_TORCH_IMAGE",  # GPU explainer image (deploy/compose.gpu.yaml)
     "LEUKOFLOW_SUPERVISOR_PID",  # parent of a supervised child (leukoflow.core.lifeline)
 })
 #: Range [lo, hi] (None: open) of numeric fields without a declared range, by name suffix.
