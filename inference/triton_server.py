@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -328,23 +329,35 @@ class TritonServer:
             return ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``) and whatever is left of
+        its process group (python-backend stubs)."""
         p = self.proc
-        if p is None or p.poll() is not None:
+        if p is None:
             return
-        p.terminate()
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        self._kill_group()
 
     def kill(self) -> None:
-        """Kill the server at once (SIGKILL): a crash."""
+        """Kill the server and its backend stubs at once (SIGKILL to the process group): a
+        crash, like a container that dies."""
         p = self.proc
         if p is not None and p.poll() is None:
-            p.kill()
+            self._kill_group()
             p.wait(10)
+
+    def _kill_group(self) -> None:
+        # the server runs in its own session (start_new_session): its group id is its pid;
+        # the python-backend stubs it started outlive a killed server otherwise
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> TritonServer:
         return self.start()
