@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_run_helpers import free_port
+import h5py
+from helpers import free_port
 
 from leukoflow.acquisition.qc.record import write_record
 
@@ -41,8 +42,9 @@ def test_live_run_of_larger_cells_is_marked_not_valid(tmp_path) -> None:
     during the run, the summary, --json output, report and metrics say the differential is
     not valid and name the features that moved; no QC record: a loud QC warning."""
     qc = tmp_path / "qc"
+    rec = tmp_path / "rec.rtdc"
     res = _run(["--json", "--no-explain", "--source", "sim:5:1.5:cells+10", "--cells", "700",
-                "--out", str(tmp_path / "run")],
+                "--out", str(tmp_path / "run"), "--record", str(rec)],
                {"LEUKOFLOW_QC_FOLDER": str(qc), "LEUKOFLOW_QC_POLICY": "warn"})
     assert res.returncode == 0, res.stderr[-3000:]
     s = json.loads(res.stdout)
@@ -63,6 +65,11 @@ def test_live_run_of_larger_cells_is_marked_not_valid(tmp_path) -> None:
     params = json.loads((tmp_path / "run" / "run_params.json").read_text())
     assert params["sim"]["profiles"] == ["cells+10"]
     assert params["sim"]["config"]["size_scale"]["neutrophil"] == 1.1
+    with h5py.File(rec, "r") as h5:  # the recording carries the instrument profile too
+        lines = h5["logs"]["leukoflow-params"][:]
+        logged = json.loads("".join(v.decode() if isinstance(v, bytes) else str(v)
+                                    for v in lines))
+    assert logged["sim"]["profiles"] == ["cells+10"] and logged["qc"]["state"] == "none"
     html = Path(s["report"]).read_text()
     assert "DIFFERENTIAL NOT VALID" in html and "Instrument drift and QC" in html
 
