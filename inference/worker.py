@@ -41,6 +41,7 @@ import numpy as np
 
 from leukoflow.core import transport, wire
 from leukoflow.core.config import as_dict, bounded
+from leukoflow.core.metrics import FailureGate
 from leukoflow.core.physics import CropSizeError, check_crop_size
 from leukoflow.core.service import (
     ServiceScaffold,
@@ -72,6 +73,9 @@ log = logging.getLogger(__name__)
 DRIFT_FEATURE_NAMES: tuple[str, ...] = tuple(f for f, _ in _DRIFT_FEATURES)
 
 SECTION = "infer"
+#: Consecutive backend failures after which ``/readyz`` says not ready (with the error); the
+#: next good batch makes the worker ready again.
+BACKEND_FAILURES_NOT_READY = 3
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,8 @@ class InferWorker:
         self.health = ServiceScaffold(self.metrics.m, host=cfg.metrics_host,
                                       port=cfg.metrics_port, status=self.status,
                                       on_stop=lambda _sig: self.stop()).open()
+        self.backend_gate = FailureGate(self.health.set_ready, "backend",
+                                        BACKEND_FAILURES_NOT_READY)
         if self._backend is None:
             self._backend = create_backend(
                 cfg.backend, art, max_batch=cfg.max_batch, threads=cfg.threads,
@@ -474,6 +480,7 @@ class InferWorker:
             handle = be.submit(buf, batch.n)
         except Exception as exc:  # a backend fault rejects the batch, never kills the loop
             log.exception("backend submit failed: %s", exc)
+            self.backend_gate.failure(exc)
             self._reject_batch(batch, "backend")
             return
         self._inflight.append(_InFlight(batch, handle, t_batch))
@@ -494,8 +501,10 @@ class InferWorker:
             out = self._backend.collect(job.handle)
         except Exception as exc:
             log.exception("backend collect failed: %s", exc)
+            self.backend_gate.failure(exc)
             self._reject_batch(batch, "backend")
             return
+        self.backend_gate.success()
         t_done = time.monotonic_ns()
         with np.errstate(all="ignore"):
             dec = self.rule(out.logits, out.features, out.ood_score)

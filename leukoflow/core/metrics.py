@@ -156,8 +156,57 @@ class ServiceMetrics:
         return pc.generate_latest(self.registry)
 
 
+class FailureGate:
+    """Readiness that follows a component's health (like Triton's model readiness).
+
+    ``fail_after`` consecutive failures clear readiness with a reason (``/readyz`` answers
+    503 ``not ready: backend failed 3 times in a row: <error>``); the next success restores
+    it. Only readiness this gate cleared is restored.
+
+    Parameters
+    ----------
+    set_ready : callable
+        ``set_ready(ready, reason)`` of the service (:meth:`HealthServer.set_ready`).
+    component : str
+        Name used in the reason (``backend``).
+    fail_after : int
+        Consecutive failures that make the service not ready (>= 1).
+    """
+
+    def __init__(self, set_ready: Callable[[bool, str], None], component: str = "backend",
+                 fail_after: int = 3) -> None:
+        if fail_after < 1:
+            raise ValueError("fail_after must be >= 1")
+        self._set_ready = set_ready
+        self.component = component
+        self.fail_after = int(fail_after)
+        self.consecutive = 0
+        self.tripped = False
+        self._lock = threading.Lock()
+
+    def failure(self, error: BaseException | str) -> None:
+        """Record one failure (clears readiness at the ``fail_after``-th in a row)."""
+        with self._lock:
+            self.consecutive += 1
+            if self.consecutive >= self.fail_after:
+                self.tripped = True
+                self._set_ready(False, f"{self.component} failed {self.consecutive} times "
+                                       f"in a row: {str(error)[:200]}")
+
+    def success(self) -> None:
+        """Record a success (restores readiness this gate cleared)."""
+        with self._lock:
+            self.consecutive = 0
+            if self.tripped:
+                self.tripped = False
+                self._set_ready(True, "")
+
+
 class HealthServer:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` from a background thread.
+
+    ``/readyz`` answers 200 ``ready`` or 503 ``not ready: <reason>`` (the reason given to
+    :meth:`set_ready`, e.g. by a :class:`FailureGate`; ``stalled`` when the loop stopped).
 
     Parameters
     ----------
@@ -183,6 +232,7 @@ class HealthServer:
         self.live_timeout_s = live_timeout_s
         self.status = status
         self._ready = False
+        self._reason = ""
         self._last_tick = time.monotonic()
         server = self
 
@@ -200,7 +250,9 @@ class HealthServer:
                     self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
                 elif path == "/readyz":
                     ok = server.ready and server.live
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    why = "" if ok else server.not_ready_reason
+                    self._send(200 if ok else 503, b"ready\n" if ok else (
+                        f"not ready: {why}\n".encode() if why else b"not ready\n"))
                 elif path == "/status" and server.status is not None:
                     body = json.dumps(server.status(), default=str).encode()
                     self._send(200, body, "application/json")
@@ -208,11 +260,14 @@ class HealthServer:
                     self._send(404, b"not found\n")
 
             def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away (a scrape timed out): nothing to answer
 
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
@@ -236,9 +291,18 @@ class HealthServer:
         """Mark the main loop alive (call once per loop iteration)."""
         self._last_tick = time.monotonic()
 
-    def set_ready(self, ready: bool = True) -> None:
-        """Set readiness (and the ``leukoflow_ready`` gauge)."""
+    @property
+    def not_ready_reason(self) -> str:
+        """Why the service is not ready (``/readyz`` body): the reason given to
+        :meth:`set_ready`, or ``stalled`` when the main loop stopped ticking."""
+        if not self.live:
+            return "stalled (main loop not ticking)"
+        return "" if self._ready else self._reason
+
+    def set_ready(self, ready: bool = True, reason: str = "") -> None:
+        """Set readiness (and the ``leukoflow_ready`` gauge); ``reason`` says why not."""
         self._ready = ready
+        self._reason = "" if ready else reason
         self.metrics["leukoflow_ready"].set(1 if ready else 0)
 
     def close(self) -> None:

@@ -144,10 +144,11 @@ class ServiceScaffold:
         if self.health is not None:
             self.health.tick()
 
-    def set_ready(self, ready: bool = True) -> None:
-        """Set readiness (``/readyz`` and the ``leukoflow_ready`` gauge)."""
+    def set_ready(self, ready: bool = True, reason: str = "") -> None:
+        """Set readiness (``/readyz`` and the ``leukoflow_ready`` gauge); ``reason``: why
+        not (shown by ``/readyz``)."""
         if self.health is not None:
-            self.health.set_ready(ready)
+            self.health.set_ready(ready, reason)
         else:
             self.metrics["leukoflow_ready"].set(1 if ready else 0)
 

@@ -4,7 +4,10 @@
 <command> ...``), restarts a child that crashed (non-zero exit or killed by a signal) after
 an exponential backoff, logs and counts each restart (the counts are sent to the collector,
 which exports ``leukoflow_child_restarts_total{child}``), and stops children gracefully
-(SIGTERM, then SIGKILL after a timeout).
+(SIGTERM, then SIGKILL after a timeout). Children die with the supervisor: each gets
+``LEUKOFLOW_SUPERVISOR_PID`` and calls :func:`leukoflow.core.lifeline.guard` first
+(parent-death signal plus a parent watch), so a killed ``leukoflow run`` leaves no service
+running and no port held.
 
 :func:`run_pipeline` is ``leukoflow run`` (and ``replay``): it starts the collector, the
 explainer, N inference workers and the source (acquisition, or the replay publisher), shows
@@ -37,7 +40,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from leukoflow.core import curve, transport, wire
+from leukoflow.core import curve, lifeline, transport, wire
 from leukoflow.core.config import bounded
 from leukoflow.core.service import StopSignals, control_message
 from leukoflow.core.vocabulary import DECISIONS
@@ -48,7 +51,9 @@ from leukoflow.run.qc_gate import qc_for_run, sim_params
 
 log = logging.getLogger(__name__)
 
-CLI_PREFIX: tuple[str, ...] = ("-c", "from leukoflow.cli import main; main()")
+CLI_PREFIX: tuple[str, ...] = (
+    "-c", "from leukoflow.core.lifeline import guard; guard(); "
+          "from leukoflow.cli import main; main()")
 
 
 # ----------------------------------------------------------------------------- supervisor
@@ -133,6 +138,7 @@ class Supervisor:
     def _spawn(self, c: _Child) -> None:
         env = dict(os.environ)
         env.update(c.spec.env)
+        env[lifeline.ENV] = str(os.getpid())  # the child dies with this process
         logf = open(self.log_dir / f"{c.spec.name}.log", "ab")  # noqa: SIM115
         try:
             c.proc = subprocess.Popen([sys.executable, *c.spec.argv], stdout=logf,
