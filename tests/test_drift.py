@@ -208,3 +208,34 @@ def test_results_feat_field_is_validated():
         with pytest.raises(wire.WireError) as e:
             wire.encode(s.message("results", probs, feat=feat, **base))
         assert e.value.reason == reason
+
+
+def test_live_view_and_metrics_show_the_verdict(ref, monkeypatch):
+    from prometheus_client import generate_latest
+    from rich.console import Console
+
+    from leukoflow.core.metrics import ServiceMetrics
+    from leukoflow.run.liveview import render
+
+    card = {"name": "synthetic", "drift": ref.to_card(), "ood": None}
+    monkeypatch.setattr("leukoflow.run.drift_watch.read_card", lambda name: card)
+    proj = PenultimateProjection.from_card(card)
+    st = RunState(CLASSES, run_id="r1")
+    st.watch = RunWatch({"run": {"model": "synthetic"},
+                         "qc": {"state": "pass", "ok": True, "code": 1, "magnification": 1.05,
+                                "message": "QC passed"}}, DriftConfig())
+    s = _stream(np.random.default_rng(13), 1000, scale=1.1)
+    st.ingest_results(_header(s, slice(0, 1000), proj, "synthetic"),
+                      np.tile([0.7, 0.1, 0.1, 0.1], (1000, 1)).astype(np.float32))
+    snap = st.snapshot()
+    con = Console(width=200, record=True)
+    con.print(render(snap))
+    text = con.export_text()
+    assert "NOT VALID" in text and "diameter_um" in text
+    m = ServiceMetrics("collector", "r1")
+    st.watch.export(m, snap)
+    prom = generate_latest(m.registry).decode()
+    assert "leukoflow_drift_alarm 1.0" in prom
+    assert "leukoflow_differential_valid 0.0" in prom
+    assert "leukoflow_qc_status 1.0" in prom and "leukoflow_qc_magnification 1.05" in prom
+    assert 'leukoflow_drift_score{feature="diameter_um",group="neutrophil"}' in prom
