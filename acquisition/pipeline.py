@@ -23,6 +23,7 @@ import numpy as np
 from leukoflow.acquisition.crops import CellCrop, CropConfig, CropExtractor, window
 from leukoflow.acquisition.features import Detection, measure_objects
 from leukoflow.acquisition.gates import GateConfig, QualityGates
+from leukoflow.acquisition.prescreen import EmptyFramePrescreen, PrescreenConfig
 from leukoflow.acquisition.qc.scale import rescale_crop
 from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor
 from leukoflow.acquisition.segment import (
@@ -102,6 +103,14 @@ class PipelineConfig:
         Margin [px] added to the object's equivalent radius for the ground-truth match.
     saturated_fraction : float
         Frames with more saturated pixels than this fraction are rejected.
+    prescreen : bool
+        Skip reconstruction and segmentation of raw frames that hold no object while no
+        track is open (:mod:`leukoflow.acquisition.prescreen`; needs the background).
+    prescreen_factor : float
+        Prescreen threshold: block variance of (frame − background) over the frame's
+        median block variance.
+    prescreen_audit_every : int
+        Process every n-th skipped frame in full anyway and count misses (0 = never).
     pixel_um : float
         Phase-grid pixel size measured by reference-bead QC [µm]
         (:mod:`leukoflow.acquisition.qc`); 0 = nominal (optics). Features, gates and the
@@ -139,6 +148,9 @@ class PipelineConfig:
     with_amplitude: bool = False
     truth_match_px: float = 8.0
     saturated_fraction: float = 0.05
+    prescreen: bool = True
+    prescreen_factor: float = 4.0
+    prescreen_audit_every: int = 64
     pixel_um: float = 0.0
 
     def to_dict(self) -> dict:
@@ -210,6 +222,9 @@ class FrameResult:
         Why the frame itself was rejected (then nothing else happened).
     n_detections : int
         Objects segmented in this frame.
+    skipped : str or None
+        Why reconstruction and segmentation were skipped (``empty``: the prescreen found
+        no object and no track was open), None when the frame was processed.
     """
 
     index: int
@@ -218,6 +233,7 @@ class FrameResult:
     rejected: list[RejectedCell] = field(default_factory=list)
     frame_reject: str | None = None
     n_detections: int = 0
+    skipped: str | None = None
 
 
 @dataclass
@@ -278,9 +294,15 @@ class AcquisitionPipeline:
         self.validator = FrameValidator(shape=tuple(optics.roi_shape),
                                         saturated_fraction=c.saturated_fraction,
                                         max_value=float(2**optics.bit_depth - 1))
+        self.prescreen_config = PrescreenConfig(
+            enabled=c.prescreen, factor=c.prescreen_factor,
+            audit_every=c.prescreen_audit_every)
+        self.prescreen: EmptyFramePrescreen | None = None
         self.reconstructor = reconstructor
         if self.reconstructor is None and background is not None:
             self.reconstructor = self._make_reconstructor(background)
+        if background is not None:
+            self._make_prescreen(background)
         self._next_cell = 0
         self.stats: dict[str, Counter] = {
             "frames": Counter(), "frames_rejected": Counter(), "cells_rejected": Counter(),
@@ -299,6 +321,18 @@ class AcquisitionPipeline:
     def set_background(self, background: Any) -> None:
         """(Re)calibrate the reconstruction with a new background hologram."""
         self.reconstructor = self._make_reconstructor(background)
+        self._make_prescreen(background)
+
+    def _make_prescreen(self, background: Any) -> None:
+        self.prescreen = None
+        sb = getattr(self.reconstructor, "sideband", None)
+        if not self.prescreen_config.enabled or sb is None:
+            return
+        try:
+            self.prescreen = EmptyFramePrescreen(self.prescreen_config, np.asarray(background),
+                                                 sb)
+        except ValueError:  # frame too small for the blocks: process every frame
+            self.prescreen = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -312,6 +346,8 @@ class AcquisitionPipeline:
             "crops": self.crops.config.to_dict(),
             "pixel_um": self.pixel_um,
             "nominal_pixel_um": self.nominal_pixel_um,
+            "prescreen": (self.prescreen.params if self.prescreen is not None
+                          else {**self.prescreen_config.to_dict(), "enabled": False}),
             "optics": self.optics.to_dict(),
         }
         if self.reconstructor is not None:
@@ -336,6 +372,23 @@ class AcquisitionPipeline:
             return FrameResult(raw.index, {"t_acq": raw.t_acq_ns}, frame_reject=reason)
         if self.reconstructor is None:
             raise RuntimeError("no background hologram: call set_background() first")
+        audit = False
+        if self.prescreen is not None and self.tracker.n_open == 0 and \
+                not self.prescreen.has_object(raw.image):
+            audit = self.prescreen.audit_due()
+            if not audit:  # nothing in view, nothing being tracked: no phase needed
+                self.stats["frames"]["processed"] += 1
+                self.stats["frames"]["skipped_empty"] += 1
+                now = time.monotonic_ns()
+                return FrameResult(raw.index, {"t_acq": raw.t_acq_ns, "t_recon": now,
+                                               "t_segment": now, "t_track": now,
+                                               "t_crop": now}, skipped="empty")
+        res = self._process_full(raw)
+        if audit:
+            self.prescreen.audit(res.n_detections > 0)
+        return res
+
+    def _process_full(self, raw: RawFrame) -> FrameResult:
         t0 = time.monotonic_ns()
         try:
             fld = self.reconstructor.field(raw.image)
@@ -513,6 +566,8 @@ class AcquisitionPipeline:
             "tracks_open": int(self.tracker.n_open),
             "unwrap": dict(self.crops.stats),
             "splits": dict(self.stats["splits"]),
+            "frames_skipped_empty": int(self.stats["frames"]["skipped_empty"]),
+            "prescreen": dict(self.prescreen.stats) if self.prescreen is not None else {},
         }
 
 

@@ -6,6 +6,17 @@ Configuration comes from two dataclasses resolved with :func:`leukoflow.core.con
 segmentation, gating, tracking and crop parameter). Both are recorded in every accounting
 message and in :meth:`AcquireService.params`.
 
+Real time is the default: a simulated or replayed camera delivers its frames at the
+camera's frame rate into a ring buffer (:class:`leukoflow.acquisition.sources.FrameClock`),
+as a real camera does, and frames the acquisition did not take in time are dropped at the
+source and counted (``overrun``); gaps in a real camera's frame counter are counted as
+``camera`` drops. The service exports the nominal and the achieved frame rate, the frame
+backlog and the frames dropped, and estimates the cells that passed in dropped frames.
+``as_fast_as_possible`` (benchmarks) takes frames as fast as the pipeline processes them
+instead: nothing is dropped, simulated time then runs slower than real time. The first
+``warmup_s`` seconds of frames are the warm-up (``leukoflow_warming_up`` = 1): alerts on
+rates and latency wait for the steady state.
+
 The loop never blocks on downstream: crops are sent non-blocking and counted as dropped
 (``backpressure``) when the inference workers are full. Bad frames are rejected and
 counted; camera stalls (no frame for ``stall_intervals`` frame intervals) and dropouts
@@ -26,6 +37,7 @@ from typing import Any
 
 from leukoflow.acquisition.pipeline import AcquisitionPipeline, FrameResult, PipelineConfig
 from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher
+from leukoflow.acquisition.realtime import RealtimeMonitor
 from leukoflow.acquisition.sources import (
     EndOfStream,
     Source,
@@ -56,7 +68,17 @@ class AcquireConfig:
     duration_s : float
         Stop after this many seconds [s] (0 = no limit).
     rate_hz : float
-        Pace simulated/file frames at this rate [frames/s] (0 = as fast as possible).
+        Frame rate of a simulated/replayed camera [frames/s] (0 = the camera's nominal rate:
+        the simulator's, or the one recorded in the file).
+    as_fast_as_possible : bool
+        Take simulated/replayed frames as fast as the pipeline processes them (benchmarks)
+        instead of in real time: no frame is dropped, simulated time runs slower.
+    buffer_frames : int
+        Ring buffer of the simulated/replayed camera [frames]: frames still unread when it
+        wraps around are dropped (``overrun``).
+    warmup_s : float
+        Warm-up after the first frame [s]: ``leukoflow_warming_up`` is 1 and the achieved
+        frame rate of the steady state is measured from its end.
     crops_endpoint : str
         PUSH bind address for crops.
     collector_endpoint : str
@@ -86,6 +108,9 @@ class AcquireConfig:
     frames: int = 0
     duration_s: float = 0.0
     rate_hz: float = 0.0
+    as_fast_as_possible: bool = False
+    buffer_frames: int = 256
+    warmup_s: float = 5.0
     crops_endpoint: str = transport.DEFAULT_ENDPOINTS["crops"]
     collector_endpoint: str = transport.DEFAULT_ENDPOINTS["collector"]
     metrics_host: str = transport.LOOPBACK
@@ -132,6 +157,9 @@ class AcquireService:
         self.pipeline: AcquisitionPipeline | None = None
         self.final: dict[str, Any] = {}
         self._last_index = 0
+        self.realtime: RealtimeMonitor | None = None
+        self._gauges_at = 0.0
+        self._audits_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "requested") -> None:
@@ -162,6 +190,9 @@ class AcquireService:
         dropped = dict(pub.dropped) if pub is not None else {}
         rejected = p.get("cells_rejected", {})
         stall = getattr(self, "stall", None)
+        rt = self.realtime
+        # cells found in the frames taken (finished tracks: emitted or rejected)
+        found = int(p.get("cells_emitted", 0)) + int(sum(rejected.values()))
         return {
             "run": self.run_id,
             "crops_sender": pub.sender.sender if pub is not None else "",
@@ -169,6 +200,8 @@ class AcquireService:
             "crops_messages": pub.sent_messages if pub is not None else 0,
             "frames": int(self.stats["frames"]),
             "frames_processed": p.get("frames", 0),
+            "frames_skipped_empty": p.get("frames_skipped_empty", 0),
+            "prescreen": p.get("prescreen", {}),
             "frames_rejected": p.get("frames_rejected", {}),
             "frames_background": int(self.stats["frames_background"]),
             "detections": p.get("detections", 0),
@@ -182,6 +215,7 @@ class AcquireService:
                 "dropouts": stall.dropouts if stall else 0,
                 "frames_missing": stall.frames_missing if stall else 0,
                 "source_errors": int(self.stats["source_errors"]),
+                **(rt.summary(found) if rt is not None else {}),
             },
             "stop_reason": self.stop_reason,
         }
@@ -207,8 +241,9 @@ class AcquireService:
                                            sndhwm=cfg.sndhwm, dtype=cfg.dtype,
                                            allow_remote=cfg.allow_remote)
             self.control = AccountingPublisher(ctx, self.run_id, cfg.collector_endpoint)
-            if self._source is None:
-                self._source = create_source(cfg.source, seed=cfg.seed, rate_hz=cfg.rate_hz)
+            own_source = self._source is None
+            if own_source:
+                self._source = create_source(cfg.source, seed=cfg.seed)
             src = self._source
             src.open()
             self.stall = StallMonitor(frame_interval_s=src.frame_interval_s or 0.002,
@@ -219,9 +254,17 @@ class AcquireService:
                 self.pipeline.set_background(bg)
             else:
                 self._collect_background(src)
+            if own_source and not cfg.as_fast_as_possible:
+                # real time from the first frame of the run on (set-up is not a backlog)
+                src.pace(cfg.rate_hz, cfg.buffer_frames)
+            self.realtime = RealtimeMonitor(src.nominal_rate_hz if src.paced else 0.0,
+                                            warmup_s=cfg.warmup_s)
+            self._set_rate_gauges(force=True)
             self.control.send("hello", {"run": self.run_id, "source": cfg.source,
                                         "crops_sender": self.publisher.sender.sender,
-                                        "crops_endpoint": cfg.crops_endpoint})
+                                        "crops_endpoint": cfg.crops_endpoint,
+                                        "paced": src.paced,
+                                        "nominal_frame_rate_hz": src.nominal_rate_hz})
             self.health.set_ready(True)
             log.info("acquire ready: run %s, source %s", self.run_id, cfg.source)
             self._loop(src, t_start)
@@ -276,21 +319,56 @@ class AcquireService:
                     m["leukoflow_camera_stalls_total"].inc()
                     log.warning("camera stall: no frame for %.2f s", self.stall.timeout_s)
                 m["leukoflow_camera_frame_age_seconds"].set(self.stall.age_s())
+                self._set_rate_gauges()
                 continue
             self._last_index = max(self._last_index, int(raw.index))
-            missing = self.stall.frame(raw.index)
+            overrun = int(raw.dropped_before)
+            missing = self.stall.frame(raw.index, explained=overrun)
             if missing:
                 m["leukoflow_camera_stalls_total"].inc()
                 log.warning("camera dropout: %d frames missing before %d", missing, raw.index)
+            if overrun:
+                m["leukoflow_frames_dropped_total"].labels("overrun").inc(overrun)
+            if missing:
+                m["leukoflow_frames_dropped_total"].labels("camera").inc(missing)
+            self.realtime.frame({"overrun": overrun, "camera": missing}, backlog=raw.backlog)
             self.stats["frames"] += 1
             m["leukoflow_frames_total"].inc()
             res = self.pipeline.process(raw)
             self._account_frame(res, src)
+            self._set_rate_gauges()
+
+    def _set_rate_gauges(self, force: bool = False) -> None:
+        """Frame-rate gauges (at most 4 times a second: cheap per frame)."""
+        now = time.monotonic()
+        if not force and now - self._gauges_at < 0.25:
+            return
+        self._gauges_at = now
+        rt, m = self.realtime, self.metrics
+        m["leukoflow_frame_rate_nominal_hertz"].set(rt.nominal_hz)
+        m["leukoflow_frame_rate_achieved_hertz"].set(rt.achieved_hz(now))
+        m["leukoflow_frame_backlog"].set(rt.backlog)
+        m["leukoflow_warming_up"].set(1 if rt.warming_up(now) else 0)
+        p = self.pipeline.accounting() if self.pipeline is not None else {}
+        found = int(p.get("cells_emitted", 0)) + int(sum(p.get("cells_rejected", {}).values()))
+        m["leukoflow_cells_in_dropped_frames"].set(rt.cells_in_dropped_frames(found))
+        ps = p.get("prescreen", {})
+        audits = m["leukoflow_prescreen_audits_total"]
+        for outcome, n in (("missed", ps.get("audit_missed", 0)),
+                           ("empty", ps.get("audited", 0) - ps.get("audit_missed", 0))):
+            seen = self._audits_seen.get(outcome, 0)
+            if n > seen:
+                audits.labels(outcome).inc(n - seen)
+                self._audits_seen[outcome] = n
 
     def _account_frame(self, res: FrameResult, src: Source) -> None:
         m = self.metrics
         if res.frame_reject is not None:
             m["leukoflow_frames_rejected_total"].labels(res.frame_reject).inc()
+            return
+        if res.skipped is not None:  # no object in view and none tracked: nothing to do
+            m["leukoflow_frames_skipped_total"].labels(res.skipped).inc()
+            m["leukoflow_camera_frame_age_seconds"].set(self.stall.age_s())
             return
         t = res.t
         hist = m["leukoflow_stage_duration_seconds"]

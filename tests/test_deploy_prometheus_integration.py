@@ -126,6 +126,9 @@ class StandIn:
         a["leukoflow_frames_rejected_total"].labels("corrupt")
         a["leukoflow_cells_rejected_total"].labels("edge")
         a["leukoflow_camera_stalls_total"]
+        a["leukoflow_frames_dropped_total"].labels("overrun")
+        a["leukoflow_frames_skipped_total"].labels("empty")
+        a["leukoflow_prescreen_audits_total"].labels("empty")
         i["leukoflow_inference_request_failure_total"].labels("decode")
         i["leukoflow_model_info"].labels("lenet5-sim", "torch-cpu", "fp32").set(1)
         for name in CLASS_NAMES:
@@ -149,6 +152,12 @@ class StandIn:
             a["leukoflow_cells_emitted_total"].inc(10)
             a["leukoflow_tracks_active"].set(rng.randint(2, 8))
             a["leukoflow_camera_frame_age_seconds"].set(0.002)
+            a["leukoflow_frame_rate_nominal_hertz"].set(500)
+            a["leukoflow_frame_rate_achieved_hertz"].set(rng.uniform(495, 505))
+            a["leukoflow_frame_backlog"].set(rng.randint(0, 3))
+            a["leukoflow_warming_up"].set(0)
+            a["leukoflow_cells_in_dropped_frames"].set(0)
+            a["leukoflow_frames_skipped_total"].labels("empty").inc(18)
             for stage in ("reconstruct", "segment", "track", "crop", "publish"):
                 a["leukoflow_stage_duration_seconds"].labels(stage).observe(
                     rng.uniform(2e-4, 5e-3))

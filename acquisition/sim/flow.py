@@ -308,8 +308,13 @@ class FlowSimulator:
             inten = self.interf.intensity(c, y0, y1, x0, x1)
             self.camera.expose(inten, z[y0:y1, x0:x1], out=holo[y0:y1, x0:x1])
 
-    def next_frame(self) -> Frame:
-        """Simulate the next frame."""
+    def next_frame(self, render: bool = True) -> Frame:
+        """Simulate the next frame.
+
+        With ``render=False`` the flow advances and the ground truth is returned without a
+        hologram (``hologram`` is None): a frame the camera captured but nobody read (it
+        was dropped); the random streams advance as if it had been rendered.
+        """
         i = self._index
         self._index += 1
         t = i / self.cfg.optics.frame_rate_hz
@@ -326,8 +331,10 @@ class FlowSimulator:
                 placed.append((fo, y0, x0))
         self._active = keep
         k = int(self._frame_rng.integers(len(self._bank)))
-        holo = self._bank[k].copy()
-        self._render(holo, self._z[k], placed)
+        holo = None
+        if render:
+            holo = self._bank[k].copy()
+            self._render(holo, self._z[k], placed)
         truth = [tr for fo, y0, x0 in placed if (tr := self._truth(fo, y0, x0)) is not None]
         return Frame(index=i, t_s=t, hologram=holo, truth=truth, placements=placed)
 

@@ -10,6 +10,7 @@ from leukoflow.acquisition.sources.base import (
     FRAME_REJECT_REASONS,
     SOURCES,
     EndOfStream,
+    FrameClock,
     FrameValidator,
     RawFrame,
     Source,
@@ -20,6 +21,6 @@ from leukoflow.acquisition.sources.base import (
 )
 
 __all__ = [
-    "FRAME_REJECT_REASONS", "SOURCES", "EndOfStream", "FrameValidator", "RawFrame", "Source",
-    "SourceError", "StallMonitor", "create_source", "parse_source_spec",
+    "FRAME_REJECT_REASONS", "SOURCES", "EndOfStream", "FrameClock", "FrameValidator",
+    "RawFrame", "Source", "SourceError", "StallMonitor", "create_source", "parse_source_spec",
 ]

@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.acquisition.sources.base import SOURCES, EndOfStream, RawFrame, Source, SourceError
+from leukoflow.acquisition.sources.base import (
+    SOURCES,
+    EndOfStream,
+    FrameClock,
+    RawFrame,
+    Source,
+    SourceError,
+)
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -151,13 +158,18 @@ class FileSource(Source):
     loop : bool
         Restart at the end instead of ending the stream.
     rate_hz : float
-        Pace frames at this rate [frames/s]; 0 = as fast as possible.
+        Deliver frames at this rate [frames/s] like the camera did (a :class:`FrameClock`
+        with a ring buffer: frames not read in time are dropped and counted); 0 = as fast
+        as they are read.
     bg_frames : int
         Frames for the median background estimate.
+    buffer_frames : int
+        Ring-buffer capacity of the paced replay [frames].
     """
 
     def __init__(self, path: str, background: str | None = None, feature: str = "qpi_oah",
-                 loop: bool = False, rate_hz: float = 0.0, bg_frames: int = 32) -> None:
+                 loop: bool = False, rate_hz: float = 0.0, bg_frames: int = 32,
+                 buffer_frames: int = 256) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise SourceError(f"file source: no such file {self.path}")
@@ -166,10 +178,11 @@ class FileSource(Source):
         self.loop = loop
         self.rate_hz = float(rate_hz)
         self.bg_frames = int(bg_frames)
+        self.buffer_frames = int(buffer_frames)
+        self.clock = FrameClock(self.rate_hz, self.buffer_frames) if self.rate_hz > 0 else None
         self._reader: _Reader | None = None
         self._i = 0
         self._count = 0
-        self._t0 = 0.0
         self._bg: np.ndarray | None = None
         self.bg_method = "none"
 
@@ -210,7 +223,11 @@ class FileSource(Source):
             self.bg_method = f"median:{k}"
         self._i = 0
         self._count = 0
-        self._t0 = time.monotonic()
+
+    def backlog(self, next_index: int | None = None) -> int:
+        if self.clock is None:
+            return 0
+        return self.clock.backlog(self._count if next_index is None else next_index)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -231,8 +248,19 @@ class FileSource(Source):
             if not self.loop:
                 raise EndOfStream
             self._i = 0
-        if not self._pace(self._t0, self._count, self.rate_hz, timeout_s):
-            return None
+        lost = 0
+        if self.clock is not None:
+            idx, lost = self.clock.next(self._count, timeout_s)
+            if idx is None:
+                return None
+            if lost:  # captured, never read: skip them in the file
+                if not self.loop and self._i + lost >= self._reader.n:
+                    self.clock.dropped -= lost - (self._reader.n - self._i)
+                    self._count += self._reader.n - self._i
+                    self._i = self._reader.n
+                    raise EndOfStream
+                self._i = (self._i + lost) % self._reader.n
+                self._count += lost
         try:
             img = self._reader.get(self._i)
         except EndOfStream:
@@ -241,7 +269,13 @@ class FileSource(Source):
             self._i = 0
             img = self._reader.get(0)
         fr = self._reader.frame_rate_hz or 1.0
-        raw = RawFrame(self._count, self._count / fr, time.monotonic_ns(), img, None)
+        if self.clock is not None:  # acquisition time: when the camera captured it
+            t_acq = self.clock.capture_ns(self._count)
+            backlog = self.clock.backlog(self._count + 1)
+        else:
+            t_acq, backlog = time.monotonic_ns(), 0
+        raw = RawFrame(self._count, self._count / fr, t_acq, img, None, dropped_before=lost,
+                       backlog=backlog)
         self._i += 1
         self._count += 1
         return raw
@@ -249,4 +283,5 @@ class FileSource(Source):
     @property
     def info(self) -> dict[str, Any]:
         return {"source": "file", "path": str(self.path), "feature": self.feature,
-                "background": self.bg_method, "loop": self.loop, "rate_hz": self.rate_hz}
+                "background": self.bg_method, "loop": self.loop, "rate_hz": self.rate_hz,
+                "buffer_frames": self.buffer_frames if self.clock is not None else None}

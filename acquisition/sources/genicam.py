@@ -26,6 +26,8 @@ class GenICamSource(Source):
         Device index among the discovered cameras.
     """
 
+    hardware_clock = True
+
     def __init__(self, cti: str | None = None, index: int = 0) -> None:
         try:
             import harvesters.core  # noqa: F401

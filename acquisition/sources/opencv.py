@@ -23,6 +23,8 @@ class OpenCVSource(Source):
         from the first frames.
     """
 
+    hardware_clock = True
+
     def __init__(self, device: str = "0", background: str | None = None) -> None:
         self.device = device
         self.bg_path = background

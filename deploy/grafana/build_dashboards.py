@@ -412,6 +412,33 @@ def throughput_and_latency() -> dict[str, Any]:
                 ("leukoflow:cells_classified:rate1m", "cells counted/s"),
                 ("leukoflow:dropped:rate1m", "cells dropped/s"),
             ], unit="short"),
+            timeseries("Keeping up with the camera", [
+                (f"max by (instance) {gauge('leukoflow_frame_rate_nominal_hertz')}",
+                 "nominal frames/s {{instance}}"),
+                (f"max by (instance) {gauge('leukoflow_frame_rate_achieved_hertz')}",
+                 "achieved frames/s {{instance}}"),
+                (zero_if_absent(f"sum by (instance, reason) "
+                                f"{rate('leukoflow_frames_dropped_total')}"),
+                 "dropped/s {{reason}} {{instance}}"),
+                (zero_if_absent(f"sum by (instance) {rate('leukoflow_frames_skipped_total')}"),
+                 "skipped empty/s {{instance}}"),
+            ], unit="short", description="Frames the camera delivers (nominal, 0 in unpaced "
+               "runs) and the acquisition takes (achieved, 5 s window; alert below 95 % after "
+               "the warm-up), frames dropped before processing, empty frames not "
+               "reconstructed."),
+            timeseries("Camera backlog, warm-up and losses", [
+                (f"max by (instance) {gauge('leukoflow_frame_backlog')}",
+                 "backlog [frames] {{instance}}"),
+                (f"max by (instance) {gauge('leukoflow_cells_in_dropped_frames')}",
+                 "cells in dropped frames (est.) {{instance}}"),
+                (f"max by (instance) {gauge('leukoflow_warming_up')}",
+                 "warming up {{instance}}"),
+                (zero_if_absent(f"sum by (instance, outcome) (increase("
+                                f"{sel('leukoflow_prescreen_audits_total')}[1h]){RUN})"),
+                 "prescreen audits (1 h) {{outcome}} {{instance}}"),
+            ], unit="short", description="Frames waiting in the camera's ring buffer, the "
+               "estimated cells lost with dropped frames, the warm-up flag, and the audits "
+               "of the empty-frame prescreen (missed: an object in a skipped frame)."),
             timeseries("Counted cells per second per class", [
                 ("class:leukoflow_cells_classified:rate1m", "{{class}}"),
             ], unit="cps", stack=True),
