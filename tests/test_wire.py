@@ -74,14 +74,58 @@ def test_roundtrip_property(kind: str, n: int, side: int, seed: int, half: bool)
     np.testing.assert_array_equal(out.array, msg.array)
 
 
+#: stats keys with a schema (wire.STATS_*): free-form values are generated for the others
+SCHEMA_KEYS = {*wire.STATS_COUNTS, *wire.STATS_COUNT_MAPS, *wire.STATS_STRINGS, "ids", "final"}
+
+
 @settings(max_examples=100, deadline=None)
-@given(stats=st.dictionaries(st.text(max_size=20), st.one_of(
+@given(stats=st.dictionaries(st.text(max_size=20).filter(lambda k: k not in SCHEMA_KEYS),
+                             st.one_of(
     st.integers(-2**62, 2**62), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=50), st.lists(st.integers(0, 100), max_size=5)), max_size=10))
 def test_control_stats_property(stats: dict) -> None:
     s = wire.Sender("r", "acquire")
     out = roundtrip(s.message("control", cmd="eos", stats=stats))
     assert out.header["stats"] == stats
+
+
+@pytest.mark.parametrize("stats", [
+    [1],                                            # stats is not a map
+    {"ids": 5},                                     # ids not a list
+    {"ids": [1, -2]},                               # negative id
+    {"ids": [True]},                                # bool is not an id
+    {"cells_emitted": -1},                          # negative count
+    {"cells_emitted": 1.5},                         # float count
+    {"emitted": "7"},                               # string count
+    {"cells_dropped": [1]},                         # map expected
+    {"rejected": {"x": -3}},                        # negative count in a map
+    {"restarts": {"infer-0": "x"}},                 # non-integer count in a map
+    {"event": 3},                                   # event must be a string
+    {"event": "rejected", "cells": 2},              # a per-cell event names its reason
+    {"event": "dropped", "reason": "x"},            # ... and its cells
+    {"final": 1},                                   # bool expected
+    {"crops_sender": ["a"]},                        # string expected
+])
+@pytest.mark.parametrize("kind", ["control", "heartbeat"])
+def test_stats_schema_rejects_what_would_crash_a_handler(stats, kind: str) -> None:
+    s = wire.Sender("r", "infer")
+    fields = {"cmd": "accounting"} if kind == "control" else {}
+    h = {**s.message(kind, **fields).header, "stats": stats}
+    frames = [msgpack.packb(h, use_bin_type=True), b""]
+    with pytest.raises(WireError) as err:
+        decode(frames)
+    assert err.value.reason in ("field_type", "field_value", "missing_field")
+
+
+def test_results_source_fields_are_checked() -> None:
+    msg = make("results", n=2)
+    msg.header.update(src_sender="acquire-1-a", src_seq=3, src_n=2, src_cum=10)
+    assert roundtrip(msg).header["src_cum"] == 10
+    for key, bad in (("src_seq", -1), ("src_n", 0), ("src_cum", "x"), ("src_sender", 5),
+                     ("frame", 1.0)):
+        h = {**msg.header, key: bad}
+        with pytest.raises(WireError):
+            wire.validate_header(h)
 
 
 def test_zero_copy_large_payload() -> None:
@@ -226,8 +270,8 @@ def test_gap_tracker_counts_loss_duplicates_and_restarts() -> None:
     assert g.duplicates == 1
     g.observe("acquire-2-b", 0)  # the process restarted: new sender id
     assert g.restarts == 1
-    g.observe("acquire-3-c", 5)  # joined late: 5 messages never seen
-    assert g.gaps == 7 and g.late_start == 5
+    g.observe("acquire-3-c", 5)  # joined late: 5 messages it never owned, not gaps
+    assert g.gaps == 2 and g.late_start == 5
 
 
 def test_sender_ids_unique_and_sequence_increments() -> None:

@@ -318,6 +318,18 @@ def _check_results_fields(h: Mapping, n: int, k: int | None) -> None:
     _check_str(h, "model")
 
 
+def _check_source_fields(h: Mapping) -> None:
+    """Optional fields naming the crop message a result came from (completeness check).
+
+    ``src_sender`` (str), ``src_seq`` (its sequence number), ``src_n`` (cells in it, >= 1),
+    ``src_cum`` (cells the source published before it); ``frame`` a non-negative integer.
+    """
+    _check_str(h, "src_sender", required=False)
+    for key, lo in (("src_seq", 0), ("src_n", 1), ("src_cum", 0), ("frame", 0)):
+        if key in h:
+            _check_int(h, key, lo, MAX_CELLS if key == "src_n" else 2**63 - 1)
+
+
 def _check_feat(h: Mapping, n: int) -> None:
     """Optional ``feat`` map: name -> list of n finite numbers (at most 256 names)."""
     feat = h.get("feat", {})
@@ -329,6 +341,67 @@ def _check_feat(h: Mapping, n: int) -> None:
         if not isinstance(vals, list) or len(vals) != n:
             raise WireError("count_mismatch", f"feat[{name!r}] must have {n} entries")
         _check_floats(vals, f"feat[{name}]")
+
+
+#: ``stats`` keys with a fixed meaning (read by the collector): non-negative integer counts
+STATS_COUNTS: tuple[str, ...] = (
+    "cells_emitted", "emitted", "cells", "crops_seq", "crops_messages", "epoch",
+    "received_cells", "received_messages", "counted", "uncertain", "ood", "pending",
+    "src_seq", "src_n", "src_cum",
+)
+#: ``stats`` keys that are maps of reason (or child) -> non-negative integer count
+STATS_COUNT_MAPS: tuple[str, ...] = (
+    "cells_dropped", "cells_rejected", "rejected", "dropped", "restarts", "rejected_messages",
+)
+#: ``stats`` keys that are short strings
+STATS_STRINGS: tuple[str, ...] = ("event", "reason", "run", "crops_sender", "src_sender")
+#: ``stats.event`` values of incremental per-cell reports, which need ``reason`` and a count
+CELL_EVENTS: tuple[str, ...] = ("rejected", "dropped")
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and 0 <= x <= 2**63 - 1
+
+
+def _check_stats_schema(stats: Any) -> None:
+    """Kind-specific ``stats`` fields (control/heartbeat): the keys the collector reads.
+
+    ``stats`` is a map; :data:`STATS_COUNTS` are non-negative integers,
+    :data:`STATS_COUNT_MAPS` maps of short strings to non-negative integers,
+    :data:`STATS_STRINGS` short strings, ``ids`` a list of at most :data:`MAX_CELLS` cell
+    ids, ``final`` a bool; a per-cell event (:data:`CELL_EVENTS`) names its ``reason`` and
+    has ``cells`` or ``ids``. Unknown keys stay free-form (:func:`_check_stats`).
+    """
+    if not isinstance(stats, dict):
+        raise WireError("field_type", "stats must be a map")
+    for key in STATS_COUNTS:
+        if key in stats and not _is_count(stats[key]):
+            raise WireError("field_value", f"stats.{key} must be a non-negative integer")
+    for key in STATS_COUNT_MAPS:
+        if key not in stats:
+            continue
+        v = stats[key]
+        if not isinstance(v, dict) or len(v) > MAX_STATS_ITEMS:
+            raise WireError("field_type", f"stats.{key} must be a map of name -> count")
+        for name, n in v.items():
+            if not isinstance(name, str) or len(name) > MAX_STR or not _is_count(n):
+                raise WireError("field_value",
+                                f"stats.{key} entries must be name -> non-negative integer")
+    for key in STATS_STRINGS:
+        if key in stats and (not isinstance(stats[key], str) or len(stats[key]) > MAX_STR):
+            raise WireError("field_type", f"stats.{key} must be a string of <= {MAX_STR} chars")
+    if "final" in stats and not isinstance(stats["final"], bool):
+        raise WireError("field_type", "stats.final must be a bool")
+    if "ids" in stats:
+        ids = stats["ids"]
+        if not isinstance(ids, list) or len(ids) > MAX_CELLS:
+            raise WireError("field_type", f"stats.ids must be a list of <= {MAX_CELLS} ids")
+        _check_ints(ids, "stats.ids", 0, 2**63 - 1)
+    if stats.get("event") in CELL_EVENTS:
+        if "reason" not in stats:
+            raise WireError("missing_field", "stats.reason")
+        if "cells" not in stats and "ids" not in stats:
+            raise WireError("missing_field", "stats.cells")
 
 
 def validate_header(h: Any) -> str:
@@ -345,13 +418,20 @@ def validate_header(h: Any) -> str:
             cmd = _req(h, "cmd")
             if cmd not in CONTROL_COMMANDS:
                 raise WireError("field_value", f"unknown control command {cmd!r}")
-        _check_stats(h.get("stats", {}), "stats")
+        stats = h.get("stats", {})
+        _check_stats_schema(stats)
+        _check_stats(stats, "stats")
         return kind
     _, shape = _check_payload_meta(h, kind)
     n = shape[0]
     _check_cells(h, n)
     if kind == "crops":
         _check_int(h, "frame", 0)
+        if "cum" in h:  # cells this sender published before this message
+            _check_int(h, "cum", 0)
+        truth = _check_list(h, "truth_ids", n, required=False)
+        if truth is not None:
+            _check_ints(truth, "truth_ids", -1, 2**63 - 1)
         bbox = _check_list(h, "bbox", n)
         assert bbox is not None
         if not all(type(b) is list and len(b) == 4 for b in bbox):
@@ -361,6 +441,7 @@ def validate_header(h: Any) -> str:
     elif kind == "results":
         _check_results_fields(h, n, shape[1])
         _check_feat(h, n)  # optional: features forwarded for drift detection
+        _check_source_fields(h)
     elif kind == "explain":
         _check_results_fields(h, n, None)
         probs = _check_list(h, "probs", n)
@@ -550,6 +631,9 @@ class GapTracker:
         Messages with a sequence number already passed (duplicate or reordered).
     restarts : int
         New sender ids seen after the first one of the same role (a restarted process).
+    late_start : int
+        Messages before the first one seen of each sender (not gaps: a receiver that started
+        late, or one of several sharing a stream, never owned them).
     """
 
     expected: dict[str, int] = field(default_factory=dict)
@@ -567,9 +651,11 @@ class GapTracker:
             if role in self._roles:
                 self.restarts += 1
             self._roles.add(role)
-            missing = seq  # a new sender starts at 0; anything before was lost
-            if missing:
-                self.late_start += missing
+            # a sender first seen at seq > 0: this receiver joined late (or shares the
+            # sender's stream with others): it never owned those messages, so they are not
+            # gaps; the collector's per-source completeness check decides what was lost
+            self.late_start += seq
+            missing = 0
         elif seq >= exp:
             missing = seq - exp
         else:
