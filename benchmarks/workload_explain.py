@@ -1,25 +1,20 @@
-"""Small, seeded helpers for the explainer's tests and benchmarks.
+"""Small, seeded helpers for the explainer's benchmarks (and tests).
 
 * :func:`toy_crops` - phase crops of four toy "classes" with known cues when the
   simulated instrument is not wanted (unit tests of the methods themselves): size
   (class 0 large vs class 3 small) and interior texture (class 1 granular vs class 2
   smooth with a dark vacuole), all at 0 rad background.
-* :func:`sim_crops` - labeled crops from the simulated instrument
-  (``acquisition.sim.make_crop_dataset``), in-distribution classes only.
-* :func:`train_small` - a seeded LeNet5 trained briefly with ``leukoflow.models.train.train_model``,
-  wrapped as a :class:`~leukoflow.explain.model.ModelBundle` (temperature fitted on a split).
+* :func:`explainer_process` - an explainer service in a child process (benchmarks).
+
+(Test-only helpers live in ``tests/helpers.py``.)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from leukoflow.acquisition.sim import make_crop_dataset
 from leukoflow.core.physics import CROP_SIZE_PX
-from leukoflow.explain.model import ModelBundle
 from leukoflow.explain.service import ExplainConfig, ExplainService
-from leukoflow.models.calibration import fit_temperature
-from leukoflow.models.train import TrainConfig, train_model
 
 
 def toy_crops(n_per_class: int, seed: int = 0,
@@ -48,39 +43,6 @@ def toy_crops(n_per_class: int, seed: int = 0,
             xs.append(ph.astype(np.float32))
             ys.append(c)
     return np.stack(xs), np.asarray(ys, np.int64)
-
-
-def sim_crops(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Labeled in-distribution crops from ``acquisition.sim.make_crop_dataset`` [rad]."""
-
-    d = make_crop_dataset(n_per_class, 0, seed)
-    x = np.asarray(d["x"], np.float32)
-    y = np.asarray(d["y"], np.int64)
-    keep = y >= 0
-    return x[keep], y[keep]
-
-
-def train_small(x: np.ndarray, y: np.ndarray, seed: int = 0, epochs: int = 12,
-                name: str = "test-lenet5") -> ModelBundle:
-    """Seeded LeNet5 trained on (x, y) with an 80/20 split; temperature fitted on the 20 %."""
-    import torch
-
-    from leukoflow.models.architectures import LeNet5
-
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(y))
-    nv = max(4, len(y) // 5)
-    va, tr = idx[:nv], idx[nv:]
-    mean, std = float(x[tr].mean()), float(x[tr].std()) or 1.0
-    xn = ((x - mean) / std)[:, None].astype(np.float32)
-    net = LeNet5(in_size=x.shape[-1], num_classes=int(y.max()) + 1)
-    cfg = TrainConfig(epochs=epochs, batch_size=64, patience=epochs, seed=seed, device="cpu")
-    train_model(net, xn[tr], y[tr], xn[va], y[va], cfg, norm_std=std, progress=False)
-    with torch.no_grad():
-        z = net(torch.from_numpy(xn[va])).numpy()
-    t = fit_temperature(z, y[va])
-    return ModelBundle.from_module(net, mean=mean, std=std, temperature=t, name=name)
 
 
 def explainer_process(cfg: dict, ready: object, stop: object, out: object = None) -> None:

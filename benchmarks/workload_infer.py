@@ -1,12 +1,12 @@
-"""Helpers for tests and benchmarks of the inference worker: small artifacts, synthetic crops,
-a synthetic crop producer and a results collector over real ZeroMQ sockets.
+"""Helpers for benchmarks (and tests) of the inference worker: small artifacts, synthetic
+crops, a synthetic crop producer, a results counter and a worker process over real ZeroMQ
+sockets. (Test-only helpers live in ``tests/helpers.py``.)
 
 Nothing here is used by the service itself.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,6 @@ from leukoflow.core import wire
 from leukoflow.core.physics import CROP_SIZE_PX, PIXEL_UM
 from leukoflow.core.stats import softmax_t
 from leukoflow.core.vocabulary import CLASS_NAMES
-from leukoflow.inference.decision import rule_from_artifact
 from leukoflow.inference.worker import InferConfig, InferWorker
 from leukoflow.models.artifact import load_artifact, save_artifact
 from leukoflow.models.ood import DETECTORS
@@ -83,103 +82,6 @@ def make_test_artifact(folder: str | Path, input_size: int = 32, seed: int = 0,
     }
     path = save_artifact(folder, model, card, extra_tensors=det.arrays)
     return load_artifact(path)
-
-
-def offline_predict(artifact: Any, crops: np.ndarray) -> dict[str, np.ndarray]:
-    """Reference predictions without the service: the artifact's own preprocessing and
-    network in PyTorch (float32, CPU), then :func:`leukoflow.inference.decision.rule_from_artifact`.
-
-    Returns
-    -------
-    dict
-        ``probs``, ``pred``, ``conf``, ``ood_score``, ``decision`` (names) per cell.
-    """
-    import torch
-
-
-    model = artifact.build_model()
-    with torch.inference_mode():
-        logits, feats = model.forward_with_features(torch.from_numpy(artifact.preprocess(crops)))
-    d = rule_from_artifact(artifact)(logits.numpy(), feats.numpy())
-    return {"probs": d.probs, "pred": d.pred, "conf": d.conf, "ood_score": d.ood_score,
-            "decision": np.array(d.names())}
-
-
-def crop_message(sender: wire.Sender, crops: np.ndarray, first_id: int, frame: int = 0,
-                 labels: list[int] | None = None, **fields: Any) -> wire.Message:
-    """A valid ``crops`` message for ``crops`` with consecutive cell ids from ``first_id``."""
-    n = crops.shape[0]
-    s = crops.shape[-1]
-    now = time.monotonic_ns()
-    extra: dict[str, Any] = {"t_acq": [now] * n}
-    if labels is not None:
-        extra["labels"] = labels
-    extra.update(fields)
-    return sender.message("crops", crops, t={"acquire": now}, frame=frame,
-                          ids=list(range(first_id, first_id + n)),
-                          bbox=[[0, 0, s, s]] * n, feat={}, **extra)
-
-
-class ResultsSink:
-    """PULL socket bound like the collector, draining into lists in a background thread.
-
-    Attributes
-    ----------
-    results : list of wire.Message
-    control : list of wire.Message
-    heartbeats : list of wire.Message
-    """
-
-    def __init__(self, ctx: Any, endpoint: str) -> None:
-        import zmq
-
-        self.sock = ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.results: list[wire.Message] = []
-        self.control: list[wire.Message] = []
-        self.heartbeats: list[wire.Message] = []
-        self.t_recv: list[int] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            frames = self.sock.recv_multipart(copy=False)
-            msg = wire.decode(frames)  # the worker's output must always validate
-            with self._lock:
-                if msg.kind == "results":
-                    self.results.append(msg)
-                    self.t_recv.append(time.monotonic_ns())
-                elif msg.kind == "control":
-                    self.control.append(msg)
-                else:
-                    self.heartbeats.append(msg)
-
-    def cells(self) -> int:
-        """Cells received in results messages."""
-        with self._lock:
-            return sum(m.n for m in self.results)
-
-    def wait_for(self, predicate: Any, timeout: float = 30.0) -> bool:
-        """Poll ``predicate(self)`` until true or ``timeout`` [s]."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if predicate(self):
-                return True
-            time.sleep(0.01)
-        return predicate(self)
-
-    def close(self) -> None:
-        """Stop the thread and close the socket."""
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close(0)
 
 
 def produce(endpoint: str, n_messages: int, crops_per_message: int, size: int = CROP_SIZE_PX,

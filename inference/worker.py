@@ -45,6 +45,7 @@ from leukoflow.core.metrics import FailureGate
 from leukoflow.core.physics import CropSizeError, check_crop_size
 from leukoflow.core.service import (
     ServiceScaffold,
+    StopSignals,
     control_message,
     heartbeat_message,
     hello_message,
@@ -252,10 +253,9 @@ class InferWorker:
         art = self._artifact
         self.class_names = tuple(art.class_names)
         self.metrics = InferMetrics(class_names=self.class_names)
-        # SIGTERM/SIGINT -> graceful stop (main thread only); health server unless port < 0
+        # health server (none when metrics_port < 0); signals are routed in run()
         self.health = ServiceScaffold(self.metrics.m, host=cfg.metrics_host,
-                                      port=cfg.metrics_port, status=self.status,
-                                      on_stop=lambda _sig: self.stop()).open()
+                                      port=cfg.metrics_port, status=self.status).open()
         self.backend_gate = FailureGate(self.health.set_ready, "backend",
                                         BACKEND_FAILURES_NOT_READY)
         if self._backend is None:
@@ -332,16 +332,21 @@ class InferWorker:
 
     # -- main loop -----------------------------------------------------------------------
     def run(self) -> None:
-        """Serve until :meth:`stop` or a control ``stop`` message; then drain and close."""
-        try:
-            self._setup()
-            self._loop()
-            self._drain_socket()
-            self._drain()
-            self._send_totals()
-        finally:
-            self._close()
-            self.finished.set()
+        """Serve until :meth:`stop` or a control ``stop`` message; then drain and close.
+
+        SIGTERM/SIGINT (main thread only) ask for the same graceful stop, from the start:
+        a signal while the model loads stops the worker once it is set up.
+        """
+        with StopSignals(lambda _sig: self.stop()):
+            try:
+                self._setup()
+                self._loop()
+                self._drain_socket()
+                self._drain()
+                self._send_totals()
+            finally:
+                self._close()
+                self.finished.set()
 
     def _loop(self) -> None:
         import zmq

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import zmq
+from helpers import free_port
 
 from leukoflow.acquisition.crops import CellCrop
 from leukoflow.acquisition.features import Detection
 from leukoflow.acquisition.pipeline import EmittedCell
 from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher, build_crops_message
 from leukoflow.core import transport, wire
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cell(i: int, with_nan: bool = False) -> EmittedCell:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 import zmq
+from helpers import free_port
 
 from leukoflow.acquisition.pipeline import PipelineConfig
 from leukoflow.acquisition.service import AcquireConfig, AcquireService
@@ -23,12 +23,6 @@ from leukoflow.acquisition.sources.sim import SimSource
 from leukoflow.cli import app
 from leukoflow.core import transport, wire
 from leukoflow.core.config import resolve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FaultySim(SimSource):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from helpers import sim_crops
 
-from leukoflow.benchmarks.workload_explain import sim_crops
 from leukoflow.research.audit import (
     AuditConfig,
     flip_labels,

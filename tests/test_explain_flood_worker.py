@@ -21,20 +21,15 @@ counted as dropped. No wall-clock assertions (throughput: ``benchmarks/bench_exp
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
 
 import pytest
 import zmq
+from helpers import ResultsSink, crop_message, free_port
 
-from leukoflow.benchmarks.workload_infer import (
-    ResultsSink,
-    crop_message,
-    make_test_artifact,
-    synthetic_crops,
-)
+from leukoflow.benchmarks.workload_infer import make_test_artifact, synthetic_crops
 from leukoflow.core import wire
 from leukoflow.explain.model import ModelBundle
 from leukoflow.explain.service import ExplainConfig, ExplainService
@@ -49,12 +44,6 @@ BACKLOG = 8
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     return make_test_artifact(tmp_path_factory.mktemp("art") / "lenet-flood", input_size=SIZE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(cond: Any, timeout_s: float = 60.0) -> bool:
@@ -104,7 +93,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 @pytest.mark.parametrize("mode", ["slow", "stalled"])
 def test_flood_of_flagged_cells_never_blocks_counting(artifact, tmp_path, mode):
     bundle = ModelBundle.from_artifact(str(artifact.path))
-    cfg = ExplainConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}", metrics_port=0,
+    cfg = ExplainConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", metrics_port=0,
                         run_dir=str(tmp_path), backlog=BACKLOG, hwm=1, lime_samples=30,
                         lime_segments=(10,), methods=("lime",), png=False)
     svc = StalledExplainer(cfg, bundle=bundle)

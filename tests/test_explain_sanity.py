@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import sim_crops, train_small
 
-from leukoflow.benchmarks.workload_explain import sim_crops, train_small
 from leukoflow.explain.lime_batched import LimeParams, explain_many
 from leukoflow.explain.segmentation import SlicParams
 from leukoflow.research.evaluation import deletion_vs_random, map_similarity, randomisation_check

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from helpers import free_port
 
 from leukoflow.benchmarks.workload_explain import toy_crops
 from leukoflow.core import transport, wire
@@ -18,12 +18,6 @@ from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.explain.artifacts import read_cell_artifact
 from leukoflow.explain.model import ModelBundle
 from leukoflow.explain.service import Backlog, ExplainConfig, ExplainService, FlaggedCell
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(port: int, path: str) -> tuple[int, str]:
@@ -60,7 +54,7 @@ def service(tmp_path):
 
     torch.manual_seed(0)
     bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5, name="flood-test")
-    cfg = ExplainConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}", metrics_port=0,
+    cfg = ExplainConfig(endpoint=f"tcp://127.0.0.1:{free_port()}", metrics_port=0,
                         run_dir=str(tmp_path), backlog=4, lime_samples=40,
                         lime_segments=(25,), methods=("lime", "guided_backprop"))
     svc = ExplainService(cfg, bundle=bundle).start()

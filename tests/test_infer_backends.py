@@ -10,11 +10,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers import offline_predict
 
 from leukoflow.benchmarks.workload_infer import (
     SyntheticArtifact,
     make_test_artifact,
-    offline_predict,
     synthetic_crops,
 )
 from leukoflow.inference.backends import AUTO_ORDER, BACKENDS, available_backends, create_backend

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,22 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import zmq
+from helpers import ResultsSink, crop_message, free_port
 
-from leukoflow.benchmarks.workload_infer import (
-    ResultsSink,
-    crop_message,
-    make_test_artifact,
-    synthetic_crops,
-)
+from leukoflow.benchmarks.workload_infer import make_test_artifact, synthetic_crops
 from leukoflow.core import wire
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_infer_cli_subprocess_serves_and_stops_on_sigterm(tmp_path):
@@ -37,7 +26,7 @@ def test_infer_cli_subprocess_serves_and_stops_on_sigterm(tmp_path):
     push.setsockopt(zmq.LINGER, 0)
     port = push.bind_to_random_port("tcp://127.0.0.1")
     sink = ResultsSink(ctx, "tcp://127.0.0.1:*")
-    mport = _free_port()
+    mport = free_port()
     env = {**os.environ, "LEUKOFLOW_INFER_MAX_DELAY_MS": "1", "LEUKOFLOW_CACHE_DIR":
            str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "leukoflow.cli", "infer", "--model", str(art.path),

@@ -16,14 +16,9 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from helpers import ResultsSink, crop_message, offline_predict
 
-from leukoflow.benchmarks.workload_infer import (
-    ResultsSink,
-    crop_message,
-    make_test_artifact,
-    offline_predict,
-    synthetic_crops,
-)
+from leukoflow.benchmarks.workload_infer import make_test_artifact, synthetic_crops
 from leukoflow.core import wire
 from leukoflow.inference.worker import InferConfig, InferWorker
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import sysdeps
 import zmq
+from helpers import ResultsSink, crop_message
 
-from leukoflow.benchmarks.workload_infer import ResultsSink, crop_message, synthetic_crops
+from leukoflow.benchmarks.workload_infer import synthetic_crops
 from leukoflow.core import wire
 from leukoflow.inference.backends import create_backend
 from leukoflow.inference.backends.base import BackendUnavailable

@@ -12,7 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from test_run_helpers import (
+from helpers import (
     FakeAcquisition,
     FakeWorker,
     endpoint,

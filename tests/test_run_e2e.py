@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_run_helpers import free_port
+from helpers import free_port
 
 from leukoflow.acquisition.sim.dataset import make_crop_dataset
 from leukoflow.core.rtdc import read_crop_dataset, write_crop_dataset

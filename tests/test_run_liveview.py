@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import threading
 
+from helpers import FakeAcquisition, FakeWorker, endpoint, free_port, make_crops, wait_for
 from rich.console import Console
-from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, free_port, make_crops, wait_for
 from typer.testing import CliRunner
 
 from leukoflow.cli import app

@@ -15,7 +15,7 @@ import time
 import urllib.request
 
 import numpy as np
-from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, free_port, make_crops, wait_for
+from helpers import FakeAcquisition, FakeWorker, endpoint, free_port, make_crops, wait_for
 
 from leukoflow.reports.report import write_run_report
 from leukoflow.run.orchestrate import (

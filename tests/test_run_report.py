@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from test_run_helpers import FakeAcquisition, FakeWorker, endpoint, make_crops, wait_for
+from helpers import FakeAcquisition, FakeWorker, endpoint, make_crops, wait_for
 
 from leukoflow.core.stats import ece, em_prior_shift, reliability_bins
 from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
