@@ -1,6 +1,6 @@
 """Collector: exact accounting, duplicates, rejections, live state, metrics and recording.
 
-Stand-in acquisition/inference services (tests/test_run_helpers.py) send real wire messages
+Stand-in acquisition/inference services (tests/helpers.py) send real wire messages
 over real ZeroMQ sockets to a real collector running in a thread.
 """
 

@@ -2,7 +2,7 @@
 
 Real child processes throughout; the collector test runs the real ``leukoflow record``
 service as a supervised child and kills it with SIGKILL in the middle of a stream sent by
-stand-in acquisition/inference services (tests/test_run_helpers.py).
+stand-in acquisition/inference services (tests/helpers.py).
 """
 
 from __future__ import annotations
