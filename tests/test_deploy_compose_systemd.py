@@ -339,8 +339,10 @@ def test_install_script_syntax_and_packages() -> None:
     assert os.access(script, os.X_OK)
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    # libpython3.11: the python-backend stub of the Triton server the Triton tests start
-    assert re.search(r"packages=\(prometheus chromium chromium-driver libpython3\.11\)", text)
+    # libpython3.11: the python-backend stub of the Triton server the Triton tests start;
+    # hdf5-tools: h5clear, the reference of tests/test_durability.py
+    assert re.search(r"packages=\(prometheus chromium chromium-driver libpython3\.11 "
+                     r"hdf5-tools\)", text)
     assert "apt-get update" in text and "apt-get install -y" in text
 
 

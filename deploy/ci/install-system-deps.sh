@@ -4,10 +4,12 @@
 #   chromium, chromium-driver -> headless browser test of the HTML run report
 #   libpython3.11    -> shared libpython for the python-backend stub of the Triton server the
 #                       Triton tests start (inference/triton_server.py)
+#   hdf5-tools       -> h5clear, the reference for repairing a crashed SWMR recording
+#                       (tests/test_durability.py)
 # Idempotent (installs only what is missing) and quiet. Run as root or with passwordless sudo.
 set -euo pipefail
 
-packages=(prometheus chromium chromium-driver libpython3.11)
+packages=(prometheus chromium chromium-driver libpython3.11 hdf5-tools)
 missing=()
 for pkg in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then

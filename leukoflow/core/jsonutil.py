@@ -63,12 +63,31 @@ def dumps(obj: Any, *, indent: int | None = None, strict: bool = False) -> str:
     return json.dumps(json_safe(obj, strict=strict), indent=indent, allow_nan=False)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (hidden temporary file in the folder + rename)."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (hidden temporary file in the folder + rename).
+
+    ``durable``: ``fsync`` the file before the rename and the folder after it, so that after
+    a crash of the machine ``path`` holds either the old or the new content, never nothing.
+    """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, p)
+    if durable:
+        try:
+            dfd = os.open(p.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        except OSError:  # some file systems refuse fsync on folders
+            pass
+        finally:
+            os.close(dfd)
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1,

@@ -12,13 +12,16 @@ itself. Layout:
 * ``logs/<name>``: text lines.
 
 :class:`RtdcWriter` is crash-safe: the file is in SWMR mode while events are appended and
-is flushed at least every ``flush_interval_s``, so a killed writer leaves a readable file
-that lacks at most the last interval.
+is flushed (HDF5 flush, then ``fsync``) at least every ``flush_interval_s`` and at close, so
+a killed writer (or a power loss) leaves a file that, once repaired like ``h5clear -s`` does
+(:func:`leukoflow.run.recorder.repair_rtdc`), holds every event counted in
+:attr:`RtdcWriter.flushed_events` and lacks at most the last interval.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,6 +118,8 @@ class RtdcWriter:
         self._events = self._h5.require_group("events")
         self._dsets: dict[str, Any] = {}
         self.n_events = 0
+        #: events on disk for sure: appended before the last completed flush + fsync
+        self.flushed_events = 0
         self._last_flush = time.monotonic()
         self._closed = False
 
@@ -170,11 +175,14 @@ class RtdcWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Flush data and metadata to disk (readers see all events appended so far)."""
+        """Flush data and metadata to disk and ``fsync`` the file (readers see all events
+        appended so far; they survive a crash of the process or the machine)."""
         for ds in self._dsets.values():
             if self._swmr and self._h5.swmr_mode:
                 ds.flush()
         self._h5.flush()
+        _fsync_h5(self._h5)
+        self.flushed_events = self.n_events
         self._last_flush = time.monotonic()
 
     # -- deferred extras (written at close; SWMR forbids new objects while appending)
@@ -215,12 +223,44 @@ class RtdcWriter:
                     if name in grp:
                         del grp[name]
                     grp.create_dataset(name, data=tab, **_compression())
+        fsync_path(self.path)
+        self.flushed_events = self.n_events
 
     def __enter__(self) -> RtdcWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _fsync_h5(h5: Any) -> None:
+    """``fsync`` an open h5py file (sec2 driver: its file descriptor)."""
+    try:
+        fd = h5.id.get_vfd_handle()
+    except (AttributeError, ValueError, OSError):  # a driver without a descriptor
+        return
+    if isinstance(fd, int) and fd >= 0:
+        os.fsync(fd)
+
+
+def fsync_path(path: str | Path) -> None:
+    """``fsync`` a closed file and its folder (its content and its name are on disk)."""
+    p = Path(path)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        dfd = os.open(p.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(dfd)
 
 
 def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -146,7 +147,9 @@ class CellLog:
     """Append-only binary log of :data:`CELL_DTYPE` records (crash-safe by construction).
 
     A killed writer leaves whole records plus at most one partial record, which
-    :func:`read_cell_log` ignores.
+    :func:`read_cell_log` ignores. :meth:`flush` (the collector calls it every
+    ``flush_interval_s``) and :meth:`close` write the buffer and ``fsync`` the file:
+    :attr:`flushed` records survive a crash of the process or of the machine.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -157,21 +160,27 @@ class CellLog:
         if size % CELL_DTYPE.itemsize:  # drop a torn record left by a kill
             self._fh.truncate(size - size % CELL_DTYPE.itemsize)
         self._last_flush = time.monotonic()
+        #: records on disk for sure (appended before the last flush + fsync), this session
+        self.flushed = 0
+        self._appended = 0
 
     def append(self, records: np.ndarray) -> None:
         """Append records (buffered; see :meth:`flush`)."""
         if len(records):
             self._fh.write(np.ascontiguousarray(records, dtype=CELL_DTYPE).tobytes())
+            self._appended += len(records)
 
     def flush(self) -> None:
-        """Hand buffered records to the operating system (survives a process kill)."""
+        """Write buffered records and ``fsync`` them (they survive a crash)."""
         self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.flushed = self._appended
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Flush and close."""
+        """Flush, ``fsync`` and close."""
         if not self._fh.closed:
-            self._fh.flush()
+            self.flush()
             self._fh.close()
 
 
@@ -527,9 +536,11 @@ class CollectorConfig:
     publish_interval_s : float
         Live-state publishing period [s].
     flush_interval_s : float
-        Cell-log and state flush period [s] (crash window of the counts).
+        The cell log and the state file are written and synced (``fsync``) this often [s]
+        (the crash window of the counts; also at stop).
     record_flush_s : float
-        Recording flush period [s] (a killed recorder loses at most this much).
+        The recording is flushed and synced (``fsync``) this often [s] (a crash of the
+        collector or the machine loses at most this much of it; also at stop).
     exit_on_eos : bool
         Finish and exit when the stream ended and every cell is resolved.
     params_json : str

@@ -25,13 +25,16 @@ others             scalar features sent by acquisition when they are dclab featu
 
 All run and pipeline parameters go into the metadata (``params`` of the writer).
 
-Crash safety: the writer flushes at least every ``flush_interval_s`` (0.5 s) in HDF5 SWMR
-mode, so the data structure on disk is consistent up to the last flush. HDF5 marks a file
+Crash safety: the writer flushes and syncs (``fsync``) at least every ``flush_interval_s`` (the
+collector's ``record_flush_s``, 1 s by default) in HDF5 SWMR mode, so the data structure on
+disk is consistent up to the last flush; :meth:`Recorder.stats` reports ``flushed_events``,
+the events a crash cannot take back. HDF5 marks a file
 opened for SWMR writing in its superblock ("file consistency flags"); after a SIGKILL these
 flags stay set and ordinary readers (h5py, dclab) refuse the file until they are cleared.
-:func:`repair_rtdc` clears them exactly as the HDF5 ``h5clear -s`` tool does (rewrite the
-flags byte and the superblock's Jenkins lookup3 checksum); the collector calls it on every
-recording segment it finds left over from a killed predecessor.
+:func:`repair_rtdc` does what the HDF5 tool ``h5clear -s --increment=0`` does (clear the
+flags, move the end-of-allocation address up to the end of the file, recompute the
+superblock's Jenkins lookup3 checksum); the collector calls it on every recording segment it
+finds left over from a killed predecessor.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -148,11 +152,22 @@ def lookup3(data: bytes, initval: int = 0) -> int:
 
 
 def repair_rtdc(path: str | Path) -> bool:
-    """Clear the HDF5 file-consistency flags a killed SWMR writer left set.
+    """Make a recording a killed SWMR writer left behind readable: ``h5clear -s --increment=0``.
 
-    Equivalent to ``h5clear -s FILE``. Only the superblock (version 2 or 3, at offset 0) is
-    touched: the flags byte is zeroed and the superblock checksum recomputed. Call it only
-    when no process has the file open for writing.
+    Only the superblock (version 2 or 3, at offset 0) and, rarely, the file length change:
+
+    * the file-consistency flags are cleared (``h5clear -s``);
+    * the end-of-allocation address (EOA) becomes ``max(EOA, EOF)`` (``--increment=0``): a
+      SWMR writer does not rewrite the superblock when it flushes, so the stored EOA lags
+      behind data that flushed metadata already points to; ``h5clear -s`` alone leaves it
+      and the library then cuts the file to the stale EOA, losing flushed events
+      (tests/test_durability.py shows it);
+    * a file shorter than its EOA is extended with zeros to it;
+    * the superblock checksum (Jenkins lookup3) is recomputed.
+
+    The result is byte-identical to ``h5clear -s --increment=0`` on the same file
+    (tests/test_durability.py compares them). Call it only when no process has the file open
+    for writing.
 
     Parameters
     ----------
@@ -183,12 +198,23 @@ def repair_rtdc(path: str | Path) -> bool:
             raise ValueError(f"{p}: superblock checksum mismatch (not repairable here)")
         if head[11] == 0:
             return False
+        # base address, extension address, end-of-file (EOA) address, root object header
+        o = size_offsets
+        base = int.from_bytes(head[12:12 + o], "little")
+        eoa = int.from_bytes(head[12 + 2 * o:12 + 3 * o], "little")
+        eof = os.fstat(fh.fileno()).st_size
+        new_eoa = max(eoa, eof - base)
         new = bytearray(head[:size])
         new[11] = 0
+        new[12 + 2 * o:12 + 3 * o] = new_eoa.to_bytes(o, "little")
         fh.seek(0)
         fh.write(bytes(new) + lookup3(bytes(new)).to_bytes(4, "little"))
         fh.flush()
-    log.warning("cleared HDF5 consistency flags of %s (writer was killed)", p)
+        if eof < base + new_eoa:  # a short file: zeros up to the EOA
+            fh.truncate(base + new_eoa)
+        os.fsync(fh.fileno())
+    log.warning("repaired %s (writer was killed): consistency flags cleared, end of "
+                "allocation %d -> %d bytes (file %d bytes)", p, eoa, new_eoa, eof)
     return True
 
 
@@ -418,7 +444,8 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         """Recording statistics (events written, crops without results, evictions)."""
         return {"path": str(self.path), "events": self.events + sum(
-            len(b["qpi_pha"]) for b in self._buf), "missing_crop": self.missing_crop,
+            len(b["qpi_pha"]) for b in self._buf),
+            "flushed_events": self._writer.flushed_events, "missing_crop": self.missing_crop,
             "overflow": self.overflow, "pending": len(self._pending)}
 
     def close(self, extra_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
