@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,14 +31,34 @@ from leukoflow.inference.decision import rule_from_artifact
 if TYPE_CHECKING:  # torch-importing
     from leukoflow.explain.model import ModelBundle
 
-__all__ = ["free_port", "endpoint", "make_crops", "fake_classify", "FakeAcquisition",
-           "FakeWorker", "wait_for", "crop_message", "ResultsSink", "offline_predict",
-           "sim_crops", "train_small"]
+__all__ = ["free_port", "endpoint", "run_port_args", "http_get", "make_crops", "fake_classify",
+           "FakeAcquisition", "FakeWorker", "wait_for", "crop_message", "ResultsSink",
+           "offline_predict", "sim_crops", "train_small"]
 
 
 def endpoint() -> str:
     """A free loopback tcp endpoint."""
     return transport.tcp_endpoint(free_port())
+
+
+def run_port_args() -> list[str]:
+    """``leukoflow run`` flags for free, non-overlapping ZeroMQ and metrics port ranges."""
+    for _ in range(50):
+        z, m = free_port(), free_port()
+        if z + 5 < 65535 and m + 15 < 65535 and abs(z - m) > 20:
+            return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
+    raise RuntimeError("no free ports")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """``(status, body)`` of a GET; an HTTP error gives its code and body, no answer ``(0, "")``."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
 
 
 def make_crops(n: int, seed: int = 0, size: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 import zmq
-from helpers import free_port
+from helpers import free_port, http_get
 
 from leukoflow.acquisition.pipeline import PipelineConfig
 from leukoflow.acquisition.service import AcquireConfig, AcquireService
@@ -46,16 +44,6 @@ class FaultySim(SimSource):
             img[:100] = 255
             raw.image = img
         return raw
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-    except OSError:
-        return 0, ""
 
 
 def test_bad_frames_rejected_and_backpressure_counted_service_keeps_running():
@@ -113,18 +101,18 @@ def test_acquire_subprocess_publishes_serves_metrics_and_stops_on_sigterm(tmp_pa
     try:
         base = f"http://127.0.0.1:{mport}"
         deadline = time.monotonic() + 90
-        while _get(base + "/readyz")[0] != 200:
+        while http_get(base + "/readyz")[0] != 200:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "service never became ready"
             time.sleep(0.2)
-        assert _get(base + "/healthz")[0] == 200
+        assert http_get(base + "/healthz")[0] == 200
         deadline = time.monotonic() + 60
         while len(crops) < 3 and time.monotonic() < deadline:
             m = transport.recv(pull, timeout_ms=200)
             if m is not None:
                 crops.append(m)
         assert len(crops) >= 3, "no crops published"
-        code, text = _get(base + "/metrics")
+        code, text = http_get(base + "/metrics")
         assert code == 200
         for name in ("leukoflow_frames_total", "leukoflow_cells_emitted_total",
                      "leukoflow_stage_duration_seconds_bucket", "leukoflow_ready 1.0"):

@@ -19,20 +19,12 @@ import urllib.request
 import numpy as np
 import pytest
 import zmq
+from helpers import wait_for
 from typer.testing import CliRunner
 
 from leukoflow.core import curve, transport, wire
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.run.collector import Collector, CollectorConfig
-
-
-def _wait(cond, timeout_s: float = 30.0) -> bool:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +168,7 @@ def test_collector_refuses_strangers_and_counts_them(keys, other_keys, tmp_path,
     th = threading.Thread(target=lambda: out.update(coll.run(install_signals=False)),
                           daemon=True)
     th.start()
-    assert _wait(lambda: coll._health is not None and coll._health.ready, 60)
+    assert wait_for(lambda: coll._health is not None and coll._health.ready, 60)
     ctx = zmq.Context()
     refused0 = sum(curve.refusals().values())
     socks = []
@@ -202,17 +194,17 @@ def test_collector_refuses_strangers_and_counts_them(keys, other_keys, tmp_path,
                                                                  stats={}), block=True)
         transport.send(acquire, _results(wire.Sender(run, "acquire"), forged_ids, run),
                        block=True)
-        assert _wait(lambda: coll.state.messages_rejected["unauthorized"] == 2, 30), \
+        assert wait_for(lambda: coll.state.messages_rejected["unauthorized"] == 2, 30), \
             dict(coll.state.messages_rejected)
         # the three unadmitted peers keep trying to handshake: every attempt is refused
-        assert _wait(lambda: sum(curve.refusals().values()) - refused0 >= 3, 30)
+        assert wait_for(lambda: sum(curve.refusals().values()) - refused0 >= 3, 30)
         assert th.is_alive(), "a stop from an unauthorized peer ended the collector"
         assert not coll.state.stop_requested
         # the real worker's cells are counted, none of them taken as a duplicate of a
         # forged pre-sent id
         snd = wire.Sender(run, "infer")
         transport.send(worker, _results(snd, forged_ids, run), block=True)
-        assert _wait(lambda: coll.state.accounting()["counted"] == 20, 30)
+        assert wait_for(lambda: coll.state.accounting()["counted"] == 20, 30)
         acc = coll.state.accounting()
         assert acc["duplicates"] == 0 and acc["counted"] == 20
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
@@ -253,7 +245,7 @@ def test_crops_only_reach_admitted_workers(keys, other_keys, monkeypatch) -> Non
     refused0 = sum(curve.refusals().values())
     worker = transport.make_socket(ctx, "PULL", ep, bind=False, keys=keys, identity="infer")
     try:
-        assert _wait(lambda: sum(curve.refusals().values()) - refused0 >= 3, 30)
+        assert wait_for(lambda: sum(curve.refusals().values()) - refused0 >= 3, 30)
         sender = wire.Sender("auth-run", "acquire")
         n = 30
         crops = np.zeros((2, 8, 8), np.float32)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import http_get
 
 from leukoflow.core import wire
 from leukoflow.core.jsonutil import atomic_write_json, dumps, json_safe
@@ -27,14 +28,6 @@ from leukoflow.core.service import (
     heartbeat_message,
     hello_message,
 )
-
-
-def _code(url: str) -> int:
-    try:
-        return urllib.request.urlopen(url, timeout=30).status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
 
 # ----------------------------------------------------------------------------- JSON helpers
 
@@ -131,10 +124,10 @@ def test_scaffold_health_endpoints_and_close() -> None:
                          live_timeout_s=60.0)
     with sc:
         base = f"http://127.0.0.1:{sc.port}"
-        assert _code(base + "/healthz") == 200
-        assert _code(base + "/readyz") == 503 and not sc.ready
+        assert http_get(base + "/healthz")[0] == 200
+        assert http_get(base + "/readyz")[0] == 503 and not sc.ready
         sc.set_ready()
-        assert _code(base + "/readyz") == 200 and sc.ready
+        assert http_get(base + "/readyz")[0] == 200 and sc.ready
         assert json.loads(urllib.request.urlopen(base + "/status", timeout=30).read()) == {
             "x": 1}
         os.kill(os.getpid(), signal.SIGTERM)
@@ -179,7 +172,7 @@ def test_sigterm_stops_a_real_service_process_gracefully(tmp_path: Path) -> None
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         port = int(p.stdout.readline())
-        assert _code(f"http://127.0.0.1:{port}/readyz") == 200
+        assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
         p.send_signal(signal.SIGTERM)
         out, _ = p.communicate(timeout=120)
     finally:

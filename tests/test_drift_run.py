@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import h5py
-from helpers import free_port
+from helpers import run_port_args
 
 from leukoflow.acquisition.qc.record import write_record
 
@@ -23,17 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
 
 
-def _ports() -> list[str]:
-    for _ in range(50):
-        z, m = free_port(), free_port()
-        if z + 5 < 65535 and m + 15 < 65535 and abs(z - m) > 20:
-            return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
-    raise RuntimeError("no free ports")
-
-
 def _run(args: list[str], env: dict[str, str], timeout: float = 500
          ) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "run", *args, *_ports()], capture_output=True, text=True,
+    return subprocess.run([*CLI, "run", *args, *run_port_args()], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, **env})
 
 

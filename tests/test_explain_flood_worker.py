@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import ResultsSink, crop_message, free_port
+from helpers import ResultsSink, crop_message, free_port, wait_for
 
 from leukoflow.benchmarks.workload_infer import make_test_artifact, synthetic_crops
 from leukoflow.core import wire
@@ -44,15 +44,6 @@ BACKLOG = 8
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     return make_test_artifact(tmp_path_factory.mktemp("art") / "lenet-flood", input_size=SIZE)
-
-
-def _wait(cond: Any, timeout_s: float = 60.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 class StalledExplainer(ExplainService):
@@ -99,7 +90,7 @@ def test_flood_of_flagged_cells_never_blocks_counting(artifact, tmp_path, mode):
     svc = StalledExplainer(cfg, bundle=bundle)
     svc.stall_receive = mode == "stalled"
     svc.start()
-    assert _wait(lambda: svc.health is not None and svc.health.ready, 120), "explainer not ready"
+    assert wait_for(lambda: svc.health is not None and svc.health.ready, 120), "explainer not ready"
 
     ctx = zmq.Context()
     producer = ctx.socket(zmq.PUSH)
@@ -157,7 +148,7 @@ def test_flood_of_flagged_cells_never_blocks_counting(artifact, tmp_path, mode):
         if mode == "stalled":
             assert router.dropped > 0  # the explain socket overflowed: dropped, not waited
         else:  # the receiver drains everything into the backlog, which drops its oldest
-            assert _wait(lambda: svc.status()["received_cells"] == delivered_by_worker, 120)
+            assert wait_for(lambda: svc.status()["received_cells"] == delivered_by_worker, 120)
             assert svc.stalled_cells > 0 and len(svc.backlog) == BACKLOG
             assert svc.status()["dropped_backlog"] == (delivered_by_worker - BACKLOG
                                                        - svc.stalled_cells)
@@ -168,10 +159,10 @@ def test_flood_of_flagged_cells_never_blocks_counting(artifact, tmp_path, mode):
 
         # release: everything the worker queued arrives; drops = flagged - delivered
         svc.release.set()
-        assert _wait(lambda: svc.status()["received_cells"] == delivered_by_worker, 120), (
+        assert wait_for(lambda: svc.status()["received_cells"] == delivered_by_worker, 120), (
             svc.status(), delivered_by_worker)
         assert router.dropped == flagged - svc.status()["received_cells"]
-        assert _wait(lambda: len(svc.backlog) == 0 and svc.status()["explained"]
+        assert wait_for(lambda: len(svc.backlog) == 0 and svc.status()["explained"]
                      + svc.status()["dropped_backlog"] + svc.status()["dropped_error"]
                      == delivered_by_worker, 180), svc.status()
     finally:

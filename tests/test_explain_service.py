@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
 import zmq
-from helpers import free_port
+from helpers import free_port, http_get, wait_for
 
 from leukoflow.benchmarks.workload_explain import toy_crops
 from leukoflow.core import transport, wire
@@ -18,23 +17,6 @@ from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.explain.artifacts import read_cell_artifact
 from leukoflow.explain.model import ModelBundle
 from leukoflow.explain.service import Backlog, ExplainConfig, ExplainService, FlaggedCell
-
-
-def _http(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, ""
-
-
-def _wait(cond, timeout_s: float = 60.0) -> bool:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _message(sender: wire.Sender, crops: np.ndarray, ids: list[int]) -> wire.Message:
@@ -72,14 +54,14 @@ def test_backlog_drops_oldest():
 
 
 def test_flood_is_bounded_counted_and_service_keeps_serving(service, tmp_path):
-    assert _wait(lambda: service.health.ready, 60), "service never became ready"
-    port = service.health.port
-    assert _http(port, "/healthz")[0] == 200 and _http(port, "/readyz")[0] == 200
+    assert wait_for(lambda: service.health.ready, 60), "service never became ready"
+    base = f"http://127.0.0.1:{service.health.port}"
+    assert http_get(base + "/healthz")[0] == 200 and http_get(base + "/readyz")[0] == 200
     ctx = zmq.Context()
     push = transport.make_socket(ctx, "PUSH", service.endpoint, bind=False, hwm=1000)
     sender = wire.Sender("run-flood", "infer")
     # the PUSH socket sets IMMEDIATE: wait until the connection is up (heartbeat accepted)
-    assert _wait(lambda: transport.send(push, sender.message("heartbeat", None, stats={})), 20)
+    assert wait_for(lambda: transport.send(push, sender.message("heartbeat", None, stats={})), 20)
     crops, _ = toy_crops(1, seed=1)
     sent_ok = []
     n_msgs, per = 50, 4
@@ -93,8 +75,8 @@ def test_flood_is_bounded_counted_and_service_keeps_serving(service, tmp_path):
     push.send_multipart([b"\x81\xa1v\x09", b""])
     total = n_msgs * per
     assert all(sent_ok), "the sender saw backpressure from the explainer"
-    assert _wait(lambda: service.status()["received_cells"] == total, 60)
-    assert _wait(lambda: service.status()["rejected_messages"] == 1, 10)
+    assert wait_for(lambda: service.status()["received_cells"] == total, 60)
+    assert wait_for(lambda: service.status()["rejected_messages"] == 1, 10)
     assert max_backlog <= 4
     st = service.status()
     assert st["dropped_backlog"] > 0
@@ -102,14 +84,14 @@ def test_flood_is_bounded_counted_and_service_keeps_serving(service, tmp_path):
     late = 10_000
     assert transport.send(push, _message(sender, crops[:1], [late]))
     out = tmp_path / "explanations"
-    assert _wait(lambda: (out / f"{late}.json").exists(), 120)
-    assert _wait(lambda: len(service.backlog) == 0, 120)
+    assert wait_for(lambda: (out / f"{late}.json").exists(), 120)
+    assert wait_for(lambda: len(service.backlog) == 0, 120)
     time.sleep(0.2)
     st = service.status()
     assert st["received_cells"] == total + 1
     accounted = st["explained"] + st["dropped_backlog"] + st["dropped_error"]
     assert accounted == total + 1, st
-    metrics = _http(port, "/metrics")[1]
+    metrics = http_get(base + "/metrics")[1]
     line = [ln for ln in metrics.splitlines() if ln.startswith("leukoflow_dropped_total")
             and 'reason="backlog_full"' in ln and 'stage="explain"' in ln][0]
     assert float(line.split()[-1]) == st["dropped_backlog"]
@@ -135,11 +117,11 @@ def test_stop_control_message_and_shutdown_accounting(service):
     ctx = zmq.Context()
     push = transport.make_socket(ctx, "PUSH", service.endpoint, bind=False)
     sender = wire.Sender("run-x", "infer")
-    assert _wait(lambda: transport.send(push, sender.message("heartbeat", None, stats={})), 20)
+    assert wait_for(lambda: transport.send(push, sender.message("heartbeat", None, stats={})), 20)
     crops, _ = toy_crops(1, seed=1)
     assert transport.send(push, _message(sender, crops, [1, 2, 3, 4]))
     assert transport.send(push, sender.message("control", None, cmd="stop"))
-    assert _wait(lambda: service.stop_event.is_set(), 20)
+    assert wait_for(lambda: service.stop_event.is_set(), 20)
     st = service.stop()
     assert st["received_cells"] == 4
     assert st["received_cells"] == st["explained"] + st["dropped_backlog"] + \

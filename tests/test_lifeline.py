@@ -14,6 +14,7 @@ from http.client import HTTPException
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from leukoflow.core import lifeline, transport
 
@@ -43,15 +44,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait(cond, timeout_s: float) -> bool:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 @pytest.mark.parametrize("child", [_CHILD_GUARD, _CHILD_WATCH], ids=["pdeathsig", "watch"])
 def test_child_exits_when_its_supervisor_is_killed(child) -> None:
@@ -63,7 +55,7 @@ def test_child_exits_when_its_supervisor_is_killed(child) -> None:
         assert _alive(pid)
         parent.kill()
         parent.wait(10)
-        assert _wait(lambda: not _alive(pid), 30), "child outlived its supervisor"
+        assert wait_for(lambda: not _alive(pid), 30), "child outlived its supervisor"
     finally:
         parent.kill()
         try:
@@ -130,16 +122,16 @@ def test_sigkill_of_leukoflow_run_leaves_no_child_and_no_port(tmp_path) -> None:
     metrics = [mbase, mbase + 1, mbase + 3]  # acquire, infer-0, collector
     zmq_ports = [zbase, zbase + 1, zbase + 3]  # crops, collector, live
     try:
-        assert _wait(lambda: all(_ready(p) for p in metrics), 300), "services never came up"
+        assert wait_for(lambda: all(_ready(p) for p in metrics), 300), "services never came up"
         children = _children_of(sup.pid)
         assert len(children) >= 3, children  # collector, infer-0, source
         assert not any(_port_free(p) for p in zmq_ports + metrics)
         assert (tmp_path / "run" / "keys" / "server.key_secret").exists()  # Curve on TCP
         sup.kill()
         sup.wait(10)
-        assert _wait(lambda: not any(_alive(p) for p in children), 60), \
+        assert wait_for(lambda: not any(_alive(p) for p in children), 60), \
             [p for p in children if _alive(p)]
-        assert _wait(lambda: all(_port_free(p) for p in zmq_ports + metrics), 30)
+        assert wait_for(lambda: all(_port_free(p) for p in zmq_ports + metrics), 30)
     finally:
         sup.kill()
         for p in _children_of(sup.pid):

@@ -5,13 +5,12 @@ cannot be had here)."""
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 import zmq
-from helpers import ResultsSink, crop_message
+from helpers import ResultsSink, crop_message, http_get, wait_for
 
 from leukoflow.benchmarks.workload_infer import make_test_artifact, synthetic_crops
 from leukoflow.core import wire
@@ -19,23 +18,6 @@ from leukoflow.core.metrics import FailureGate
 from leukoflow.inference.worker import BACKEND_FAILURES_NOT_READY, InferConfig, InferWorker
 
 SIZE = 32
-
-
-def _readyz(port: int) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def _wait(cond, timeout_s: float = 60.0) -> bool:
-    t_end = time.monotonic() + timeout_s
-    while time.monotonic() < t_end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_failure_gate_trips_and_recovers() -> None:
@@ -70,7 +52,8 @@ def test_worker_not_ready_while_backend_fails_and_ready_after(tmp_path) -> None:
     try:
         assert worker.ready.wait(120), worker.error
         hport = worker.health.port
-        assert _readyz(hport) == (200, "ready\n")
+        readyz = f"http://127.0.0.1:{hport}/readyz"
+        assert http_get(readyz) == (200, "ready\n")
         sender = wire.Sender("run-ready", "acquire")
         x = synthetic_crops(64, SIZE, seed=1)
         real_submit = worker._backend.submit
@@ -86,18 +69,18 @@ def test_worker_not_ready_while_backend_fails_and_ready_after(tmp_path) -> None:
             producer.send_multipart(wire.encode(crop_message(sender, x[sent:sent + 4], sent,
                                                              frame=k)))
             sent += 4
-            assert _wait(lambda k=k: failures["n"] >= k + 1, 60)
+            assert wait_for(lambda k=k: failures["n"] >= k + 1, 60)
             if k + 1 < BACKEND_FAILURES_NOT_READY:
-                assert _readyz(hport)[0] == 200  # isolated failures: still ready
-        code, body = _readyz(hport)
+                assert http_get(readyz)[0] == 200  # isolated failures: still ready
+        code, body = http_get(readyz)
         assert code == 503, body
         assert "backend failed" in body and "illegal memory access" in body
         assert worker.error is None  # not ready, still serving (it recovers below)
         worker._backend.submit = real_submit  # the device recovers
         producer.send_multipart(wire.encode(crop_message(sender, x[sent:sent + 4], sent,
                                                          frame=99)))
-        assert _wait(lambda: _readyz(hport) == (200, "ready\n"), 60)
-        assert _wait(lambda: sum(m.n for m in sink.results) == 4, 30)
+        assert wait_for(lambda: http_get(readyz) == (200, "ready\n"), 60)
+        assert wait_for(lambda: sum(m.n for m in sink.results) == 4, 30)
         with urllib.request.urlopen(f"http://127.0.0.1:{hport}/metrics", timeout=5) as r:
             assert "leukoflow_ready 1.0" in r.read().decode()
     finally:

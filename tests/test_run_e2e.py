@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import run_port_args
 
 from leukoflow.acquisition.sim.dataset import make_crop_dataset
 from leukoflow.core.rtdc import read_crop_dataset, write_crop_dataset
@@ -27,15 +27,6 @@ from leukoflow.models.evaluate import evaluate_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
-
-
-def _ports() -> list[str]:
-    """Free, non-overlapping ZeroMQ and metrics port ranges for one run."""
-    for _ in range(50):
-        z, m = free_port(), free_port()
-        if z + 5 < 65535 and m + 15 < 65535 and abs(z - m) > 20:
-            return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
-    raise RuntimeError("no free ports")
 
 
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
@@ -61,7 +52,7 @@ def recording(crop_data, tmp_path_factory) -> tuple[Path, dict, Path]:
     out = tmp_path_factory.mktemp("rec")
     rec = out / "rec1.rtdc"
     res = _cli("replay", str(crop_data), "--record", str(rec), "--out", str(out / "run1"),
-               "--json", *_ports())
+               "--json", *run_port_args())
     return rec, json.loads(res.stdout), out / "run1"
 
 
@@ -91,7 +82,7 @@ def test_replay_records_every_cell_and_dclab_reads_it(recording, crop_data) -> N
 def test_replay_of_recording_reproduces_decisions_exactly(recording, tmp_path) -> None:
     rec, _, _ = recording
     res = _cli("replay", str(rec), "--out", str(tmp_path / "run2"), "--json", "--rate", "400",
-               *_ports())
+               *run_port_args())
     cmp_ = json.loads(res.stdout)["comparison"]
     assert cmp_["exact"], cmp_
     assert cmp_["identical"] == cmp_["recorded"] and cmp_["missing"] == 0
@@ -124,7 +115,7 @@ def _emitted(port: int) -> int:
 def test_run_json_serves_metrics_and_stops_gracefully_on_ctrl_c(tmp_path) -> None:
     """``leukoflow run --json`` on the simulated instrument: all four services serve
     /metrics; Ctrl-C (SIGINT) stops the source, drains, and still writes summary+report."""
-    ports = _ports()
+    ports = run_port_args()
     mbase = int(ports[3])
     cmd = [*CLI, "run", "--json", "--duration", "120", "--out", str(tmp_path / "run"), *ports]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
