@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# System packages of the browser, Prometheus and Triton tests (Debian/Ubuntu, see
+# System packages some tests need (Chromium, Prometheus, ...; Debian/Ubuntu, the list is in
 # deploy/ci/install-system-deps.sh): installed when this user may (root or passwordless sudo).
 # Otherwise make test goes on and reports each test that needs one as NOT RUN, with the
 # command that enables it; under CI (CI=true, .ci/run) a missing package fails those tests.
