@@ -16,18 +16,15 @@ Ratios: service / raw for each backend (target >= 0.8) and ONNX Runtime / PyTorc
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import tempfile
 from pathlib import Path
 
 from leukoflow.benchmarks.common import best_time, machine, main, row
 from leukoflow.benchmarks.workload_infer import (
-    count_results,
     make_test_artifact,
-    produce,
+    measure_service,
     synthetic_crops,
-    worker_process,
 )
 from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
@@ -53,29 +50,11 @@ def service_throughput(model: str, backend: str, n_msgs: int, port0: int, tmp: s
                        extra: dict | None = None) -> dict:
     """Cells/s of the service fed by a producer process (see module docstring)."""
 
-    mpc = mp.get_context("spawn")
-    crops_ep = tcp_endpoint(port0)
-    results_ep = tcp_endpoint(port0 + 1)
     cfg = dict(model=model, backend=backend, max_batch=max_batch, max_delay_ms=2.0,
-               crops_endpoint=crops_ep, results_endpoint=results_ep, explain_endpoint="",
-               metrics_port=-1, cache_dir=os.path.join(tmp, "cache"), precision=precision,
-               crops_hwm=16, **(extra or {}))
-    ready, stop = mpc.Event(), mpc.Event()
-    worker = mpc.Process(target=worker_process, args=(cfg, ready, stop), daemon=True)
-    worker.start()
-    producer = mpc.Process(target=produce, args=(crops_ep, n_msgs, per_msg, size, dtype),
-                           kwargs={"ready": ready}, daemon=True)
-    producer.start()
-    try:
-        res = count_results(results_ep, n_msgs * per_msg, timeout_s=600)
-    finally:
-        stop.set()
-        producer.join(30)
-        worker.join(60)
-        for p in (producer, worker):
-            if p.is_alive():
-                p.kill()
-    return res
+               crops_endpoint=tcp_endpoint(port0), results_endpoint=tcp_endpoint(port0 + 1),
+               explain_endpoint="", metrics_port=-1, cache_dir=os.path.join(tmp, "cache"),
+               precision=precision, crops_hwm=16, **(extra or {}))
+    return measure_service(cfg, n_msgs, per_msg, size, dtype, timeout_s=600)
 
 
 def raw_throughput(model: str, backend: str, tmp: str, batch: int = BATCH,

@@ -18,17 +18,14 @@ Usage: ``python benchmarks/gpu_infer.py [--device cuda|cpu] [--quick] [--json]``
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 import time
 
 from leukoflow.benchmarks.common import machine, main, row
 from leukoflow.benchmarks.workload_infer import (
     SyntheticArtifact,
-    count_results,
-    produce,
+    measure_service,
     synthetic_crops,
-    worker_process,
 )
 from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
@@ -39,36 +36,15 @@ def service(device: str, n_msgs: int, per_msg: int, max_batch: int, size: int,
             port0: int = 5650) -> dict:
     """Service throughput (cells/s) fed by a producer process over loopback TCP."""
 
-    mpc = mp.get_context("spawn")
-    crops_ep = tcp_endpoint(port0)
-    results_ep = tcp_endpoint(port0 + 1)
     cfg = dict(model="synthetic", backend="torch-cuda" if device == "cuda" else "torch-cpu",
                max_batch=max_batch, max_delay_ms=2.0, precision="fp16",
-               crops_endpoint=crops_ep, results_endpoint=results_ep,
+               crops_endpoint=tcp_endpoint(port0), results_endpoint=tcp_endpoint(port0 + 1),
                explain_endpoint=tcp_endpoint(port0 + 2),  # nobody there: drops
                metrics_port=-1, crops_hwm=8)
-    ready, stop, out = mpc.Event(), mpc.Event(), mpc.Queue()
-    worker = mpc.Process(target=worker_process, args=(cfg, ready, stop, out),
-                         kwargs={"synthetic_size": size, "io_threads": 2}, daemon=True)
-    worker.start()
     dtype = "float16" if device == "cuda" else "float32"
-    producer = mpc.Process(target=produce, args=(crops_ep, n_msgs, per_msg, size, dtype),
-                           kwargs={"ready": ready, "hwm": 8}, daemon=True)
-    producer.start()
-    try:
-        res = count_results(results_ep, n_msgs * per_msg, timeout_s=300)
-    finally:
-        stop.set()
-        producer.join(30)
-        try:
-            res["worker"] = out.get(timeout=90)
-        except Exception as exc:  # noqa: BLE001 - report, do not hide the measurement
-            res["worker"] = {"error": repr(exc)}
-        worker.join(30)
-        for p in (producer, worker):
-            if p.is_alive():
-                p.kill()
-    return res
+    return measure_service(cfg, n_msgs, per_msg, size, dtype, timeout_s=300,
+                           worker_kwargs={"synthetic_size": size, "io_threads": 2},
+                           producer_kwargs={"hwm": 8}, worker_stats=True)
 
 
 def raw(device: str, batch: int, size: int, repeat: int) -> dict:

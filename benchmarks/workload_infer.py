@@ -278,3 +278,48 @@ def worker_process(cfg: dict, ready: Any, stop: Any, out: Any = None,
             "error": repr(w.error) if w.error else None,
         })
     ctx.term()
+
+
+def measure_service(cfg: dict, n_msgs: int, per_msg: int, size: int, dtype: str = "float32",
+                    *, worker_kwargs: dict | None = None, producer_kwargs: dict | None = None,
+                    timeout_s: float = 600.0, worker_stats: bool = False) -> dict:
+    """Cells/s of an inference worker process fed by a producer process over real ZeroMQ.
+
+    Starts :func:`worker_process` (``cfg``: :class:`~leukoflow.inference.worker.InferConfig`
+    fields) and :func:`produce` (``n_msgs`` messages of ``per_msg`` crops of ``size`` px,
+    ``dtype``) in spawned processes, counts results at ``cfg["results_endpoint"]`` with
+    :func:`count_results`, then stops and reaps both.
+
+    Returns
+    -------
+    dict
+        :func:`count_results` output; with ``worker_stats`` also ``worker`` (the worker's
+        own statistics, or ``{"error": ...}``).
+    """
+    import multiprocessing as mp
+
+    mpc = mp.get_context("spawn")
+    ready, stop = mpc.Event(), mpc.Event()
+    out = mpc.Queue() if worker_stats else None
+    worker = mpc.Process(target=worker_process, args=(cfg, ready, stop, out),
+                         kwargs=dict(worker_kwargs or {}), daemon=True)
+    worker.start()
+    producer = mpc.Process(target=produce,
+                           args=(cfg["crops_endpoint"], n_msgs, per_msg, size, dtype),
+                           kwargs={"ready": ready, **(producer_kwargs or {})}, daemon=True)
+    producer.start()
+    try:
+        res = count_results(cfg["results_endpoint"], n_msgs * per_msg, timeout_s=timeout_s)
+    finally:
+        stop.set()
+        producer.join(30)
+        if out is not None:
+            try:
+                res["worker"] = out.get(timeout=90)
+            except Exception as exc:  # noqa: BLE001 - report, do not hide the measurement
+                res["worker"] = {"error": repr(exc)}
+        worker.join(60)
+        for p in (producer, worker):
+            if p.is_alive():
+                p.kill()
+    return res
