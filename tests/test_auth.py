@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,3 +335,39 @@ def test_message_limit_follows_crop_size_and_batch() -> None:
     assert transport.message_limit(64, 4096, 2) == 64 * 64 * 2 * 4096
     with pytest.raises(ValueError):
         transport.message_limit(0, 10)
+
+
+# ----------------------------------------------------------------------------- deployment
+
+def test_compose_and_systemd_run_the_services_with_keys(tmp_path) -> None:
+    """Compose makes the keys once and gives every service LEUKOFLOW_KEYS; the systemd units
+    and the environment template point at the keys; the command they use works."""
+    import configparser
+
+    import yaml
+
+    from leukoflow.cli import app
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    compose = yaml.safe_load((root / "compose.yaml").read_text())["services"]
+    keys_cmd = compose["keys"]["command"]
+    assert keys_cmd[:3] == ["leukoflow", "keys", "create"] and "--if-missing" in keys_cmd
+    folder = keys_cmd[3]
+    for name in ("acquire", "infer", "explain", "collector"):
+        svc = compose[name]
+        assert svc["environment"]["LEUKOFLOW_KEYS"] == folder, name
+        assert svc["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    # the command works twice (container restarts keep the keys) and yields every identity
+    d = tmp_path / "keys"
+    for _ in range(2):
+        r = CliRunner().invoke(app, ["keys", "create", str(d), "--if-missing"])
+        assert r.exit_code == 0, r.output
+    store = curve.KeyStore(d)
+    assert store.server().secret and all(store.client(r).secret for r in curve.ROLES)
+    env = dict(line.split("=", 1) for line in (root / "systemd" / "leukoflow.env.example")
+               .read_text().splitlines() if line.startswith("LEUKOFLOW_"))
+    for unit in ("acquire", "infer", "explain", "collector"):
+        cp = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+        cp.optionxform = str
+        cp.read(root / "systemd" / f"leukoflow-{unit}.service")
+        assert cp["Service"]["Environment"] == f"LEUKOFLOW_KEYS={env['LEUKOFLOW_KEYS']}"

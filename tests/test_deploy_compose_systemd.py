@@ -64,7 +64,7 @@ def health_paths_served() -> dict[str, int]:
 def test_compose_has_every_service() -> None:
     assert COMPOSE["name"] == "leukoflow"
     base = {n for n, s in COMPOSE["services"].items() if not s.get("profiles")}
-    assert base == {"net", *SERVICES, "prometheus", "grafana"}
+    assert base == {"net", "keys", *SERVICES, "prometheus", "grafana"}  # keys: CurveZMQ
     triton = {n for n, s in COMPOSE["services"].items() if "triton" in s.get("profiles", [])}
     assert triton == {"triton-export", "triton", "instrument-a", "instrument-b"}
 

@@ -35,18 +35,28 @@ def create_cmd(
         "--role", help="Client roles to create (repeat; default: all).")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Overwrite existing key files.")] = False,
+    if_missing: Annotated[bool, typer.Option(
+        "--if-missing", help="Do nothing (but check the keys) when the folder already has a "
+        "server key (container start-up).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Create the server key pair and one client key pair per role."""
     from leukoflow.core import curve
 
     try:
-        files = curve.create_keys(folder, tuple(role) if role else curve.ROLES, force=force)
+        if if_missing and not force and (Path(folder) / f"{curve.SERVER}.key").exists():
+            files = []
+        else:
+            files = curve.create_keys(folder, tuple(role) if role else curve.ROLES,
+                                      force=force)
         desc = curve.KeyStore(folder).describe()
     except curve.KeyError_ as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps({**desc, "written": [str(f) for f in files]}, indent=1))
+        return
+    if not files:
+        typer.echo(f"{folder} already has keys ({len(desc['keys'])} key pairs); kept")
         return
     typer.echo(f"wrote {len(files)} files to {folder} (mode 0600, folder 0700)")
     typer.echo(f"use them with: export {curve.KEYS_ENV}={Path(folder).resolve()}")

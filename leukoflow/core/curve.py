@@ -132,7 +132,7 @@ def _write_private(path: Path, text: str, force: bool) -> None:
     try:
         fd = os.open(path, flags, 0o600)
     except FileExistsError as exc:
-        raise KeyError_(f"{path} exists; pass force to overwrite") from exc
+        raise KeyError_(f"{path} exists (--force replaces the keys)") from exc
     with os.fdopen(fd, "w") as fh:
         os.fchmod(fh.fileno(), 0o600)
         fh.write(text)
