@@ -8,26 +8,16 @@ duplicates, traceability and phase error with the real simulator and reconstruct
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig, TruthScorer
 from leukoflow.acquisition.sim import SimConfig
+from leukoflow.acquisition.sim.flow import CellTruth
 from leukoflow.acquisition.sources import create_source
 from leukoflow.acquisition.sources.base import RawFrame
-
-
-@dataclass
-class _Truth:
-    cell_id: int
-    kind: str
-    label: int
-    y_px: float
-    x_px: float
-    diameter_um: float
-    fully_inside: bool
+from leukoflow.core.physics import PIXEL_UM
 
 
 def _synthetic(n_frames=40, dx=58.8, seed=0):
@@ -45,7 +35,8 @@ def _synthetic(n_frames=40, dx=58.8, seed=0):
             ph += np.where(r2 < 1, c["peak"] * np.sqrt(np.clip(1 - r2, 0, 1)), 0)
             if -c["r"] < c["x"] < 256 + c["r"]:
                 inside = c["r"] <= c["x"] <= 256 - c["r"]
-                truth.append(_Truth(c["id"], "lymphocyte", 3, c["y"], c["x"], 26 * 0.34, inside))
+                truth.append(CellTruth(c["id"], "lymphocyte", 3, c["y"], c["x"], 26 * PIXEL_UM,
+                                       inside))
         ph += rng.normal(0, 0.02, ph.shape)
         yield f, np.angle(np.exp(1j * ph)).astype(np.float32), truth, ph
 

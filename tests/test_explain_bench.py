@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+import importlib
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """A benchmark module, imported like the installed package does (not by file path)."""
+    return importlib.import_module(f"leukoflow.benchmarks.{name}")
 
 
 def test_gpu_explain_runs_on_cpu_with_tiny_sizes():
