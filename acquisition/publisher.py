@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 from leukoflow.acquisition.features import FEATURE_NAMES
 from leukoflow.acquisition.pipeline import EmittedCell
 from leukoflow.core import transport, wire
+from leukoflow.core.identity import make_ids
 from leukoflow.core.service import control_message, hello_message
 
 DEFAULT_CROPS_ENDPOINT = transport.DEFAULT_ENDPOINTS["crops"]
@@ -30,8 +32,8 @@ DEFAULT_COLLECTOR_ENDPOINT = transport.DEFAULT_ENDPOINTS["collector"]
 
 
 def build_crops_message(sender: wire.Sender, frame: int, cells: Sequence[EmittedCell],
-                        t: Mapping[str, int], *, with_truth: bool, dtype: str = "<f4"
-                        ) -> wire.Message:
+                        t: Mapping[str, int], *, with_truth: bool, dtype: str = "<f4",
+                        epoch: int = 0, cum: int | None = None) -> wire.Message:
     """Build the ``crops`` message of one frame (consumes one sequence number).
 
     Parameters
@@ -49,21 +51,29 @@ def build_crops_message(sender: wire.Sender, frame: int, cells: Sequence[Emitted
         Add ``labels``, ``kinds`` and ``truth_ids`` (simulated sources).
     dtype : str
         Payload dtype (``<f4`` or ``<f2``).
+    epoch : int
+        Acquisition epoch of this start (:mod:`leukoflow.core.identity`): cell ids are
+        ``epoch * 2**36 + cell number``, unique across restarts.
+    cum : int, optional
+        Cells this sender published before this message (``cum`` field: the collector sizes
+        a lost message from it).
     """
     arr = np.stack([c.crop.phase for c in cells]).astype(dtype, copy=False)
     feat: dict[str, list[float]] = {}
-    for name in FEATURE_NAMES:
+    for name in FEATURE_NAMES:  # the feature table (units, dclab names): core.vocabulary
         vals = [float(c.crop.features.get(name, math.nan)) for c in cells]
         if all(math.isfinite(v) for v in vals):  # the wire rejects NaN: omit the feature
             feat[name] = vals
     fields: dict[str, Any] = {
         "frame": int(max(frame, 0)),
-        "ids": [int(c.cell_id) for c in cells],
+        "ids": make_ids(epoch, [int(c.cell_id) for c in cells]).tolist(),
         "bbox": [[int(v) for v in c.crop.bbox] for c in cells],
         "feat": feat,
         "frames": [int(c.frame) for c in cells],
         "t_acq": [int(c.t_acq_ns) for c in cells],
     }
+    if cum is not None:
+        fields["cum"] = int(cum)
     if with_truth:
         fields["labels"] = [int(c.label) for c in cells]
         fields["kinds"] = [str(c.kind) for c in cells]
@@ -88,13 +98,24 @@ class CropPublisher:
         Crop payload dtype (``<f4`` or ``<f2``).
     allow_remote : bool
         Permit binding to a non-loopback address.
+    epoch : int
+        Acquisition epoch of this start (cell ids unique across restarts,
+        :mod:`leukoflow.core.identity`).
+    journal : str
+        Path of a publish journal ('' = none): one JSON line per crop message *before* it
+        is sent (``sender``, ``seq``, ``cum``, ``ids``, ``truth_ids``), and ``{"unsent":
+        seq}`` when it was then dropped; an audit trail of what left acquisition (the fault
+        suite checks every cell against it).
     """
 
     def __init__(self, ctx: Any, run: str, endpoint: str = DEFAULT_CROPS_ENDPOINT, *,
-                 sndhwm: int = 16, dtype: str = "<f4", allow_remote: bool = False) -> None:
+                 sndhwm: int = 16, dtype: str = "<f4", allow_remote: bool = False,
+                 epoch: int = 0, journal: str = "") -> None:
         self.sender = wire.Sender(run=run, role="acquire")
         self.endpoint = endpoint
         self.dtype = dtype
+        self.epoch = int(epoch)
+        self._journal = open(journal, "a", buffering=1) if journal else None  # noqa: SIM115
         # IMMEDIATE: nothing queues until a worker is connected, so "nobody pulling" is a
         # counted drop rather than a silent pile-up
         self.sock = transport.make_socket(ctx, "PUSH", endpoint, bind=True, hwm=sndhwm,
@@ -124,7 +145,8 @@ class CropPublisher:
         stamps = dict(t)
         stamps["t_publish"] = wire.now_ns()
         msg = build_crops_message(self.sender, frame, cells, stamps, with_truth=with_truth,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, epoch=self.epoch, cum=self.sent_cells)
+        self._log(msg)
         if transport.send(self.sock, msg, block=False):
             self.sent_cells += len(cells)
             self.sent_messages += 1
@@ -132,8 +154,19 @@ class CropPublisher:
         # not sent: give the sequence number back, so receivers see no gap for a drop that
         # the accounting already reports (no double counting)
         self.sender.seq -= 1
+        if self._journal is not None:
+            self._journal.write(json.dumps({"unsent": msg.seq}) + "\n")
         self.dropped["backpressure"] += len(cells)
         return False
+
+    def _log(self, msg: wire.Message) -> None:
+        if self._journal is None:
+            return
+        h = msg.header
+        line = {"sender": h["sender"], "seq": h["seq"], "cum": h["cum"], "ids": h["ids"]}
+        if "truth_ids" in h:
+            line["truth_ids"] = h["truth_ids"]
+        self._journal.write(json.dumps(line) + "\n")
 
     def close(self, linger_ms: int = 2000) -> None:
         """Close, giving crops already queued (counted as sent) up to ``linger_ms`` to leave.
@@ -143,6 +176,9 @@ class CropPublisher:
         the bound keeps a stop from hanging when the workers are gone.
         """
         self.sock.close(linger=linger_ms)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
 
 class AccountingPublisher:

@@ -47,6 +47,7 @@ from leukoflow.acquisition.sources import (
 )
 from leukoflow.acquisition.sources.file import median_background
 from leukoflow.core import transport
+from leukoflow.core.identity import claim, release
 from leukoflow.core.metrics import ServiceMetrics
 from leukoflow.core.service import ServiceScaffold
 
@@ -101,6 +102,14 @@ class AcquireConfig:
         Frames used for a median background when the source has none.
     allow_remote : bool
         Permit non-loopback binds (add CurveZMQ in such deployments).
+    state_dir : str
+        Folder of the acquisition's identity file ('' = none; :mod:`leukoflow.core.identity`):
+        each start claims the next epoch, so cell ids stay unique across restarts, and a
+        start without a fixed ``run_id`` resumes the run a crashed start was serving
+        (``leukoflow run``: the run folder; systemd/compose: the state directory).
+    journal : str
+        Publish journal path ('' = none): one JSON line per crop message (sender, seq, ids,
+        truth ids) written before it is sent; an audit trail of what left acquisition.
     """
 
     source: str = "sim"
@@ -122,6 +131,8 @@ class AcquireConfig:
     stall_intervals: float = 50.0
     bg_frames: int = 32
     allow_remote: bool = False
+    state_dir: str = ""
+    journal: str = ""
 
 
 def new_run_id() -> str:
@@ -147,7 +158,9 @@ class AcquireService:
                  source: Source | None = None) -> None:
         self.config = config or AcquireConfig()
         self.pipeline_config = pipeline_config or PipelineConfig()
-        self.run_id = self.config.run_id or new_run_id()
+        # run id and epoch of this start (cell ids unique across restarts)
+        self.identity = claim(self.config.state_dir, self.config.run_id, new_run_id)
+        self.run_id = self.identity.run
         self._source = source
         self._stop = threading.Event()
         self.stop_reason = ""
@@ -196,6 +209,7 @@ class AcquireService:
         return {
             "run": self.run_id,
             "crops_sender": pub.sender.sender if pub is not None else "",
+            "epoch": self.identity.epoch,
             "crops_seq": pub.sender.seq if pub is not None else 0,
             "crops_messages": pub.sent_messages if pub is not None else 0,
             "frames": int(self.stats["frames"]),
@@ -239,7 +253,8 @@ class AcquireService:
         try:
             self.publisher = CropPublisher(ctx, self.run_id, cfg.crops_endpoint,
                                            sndhwm=cfg.sndhwm, dtype=cfg.dtype,
-                                           allow_remote=cfg.allow_remote)
+                                           allow_remote=cfg.allow_remote,
+                                           epoch=self.identity.epoch, journal=cfg.journal)
             self.control = AccountingPublisher(ctx, self.run_id, cfg.collector_endpoint)
             own_source = self._source is None
             if own_source:
@@ -262,6 +277,8 @@ class AcquireService:
             self._set_rate_gauges(force=True)
             self.control.send("hello", {"run": self.run_id, "source": cfg.source,
                                         "crops_sender": self.publisher.sender.sender,
+                                        "epoch": self.identity.epoch,
+                                        "resumed": self.identity.resumed,
                                         "crops_endpoint": cfg.crops_endpoint,
                                         "paced": src.paced,
                                         "nominal_frame_rate_hz": src.nominal_rate_hz})
@@ -409,6 +426,8 @@ class AcquireService:
             if self.control is not None:
                 ok = self.control.send("eos", self.final, timeout_ms=2000)
                 self.final["eos_sent"] = ok
+                if ok:  # a clean end: the next start begins a new run
+                    release(self.identity)
                 log.info("acquire stopped (%s); eos sent: %s", self.stop_reason, ok)
         finally:
             for closer in (getattr(self._source, "close", None),

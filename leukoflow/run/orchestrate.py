@@ -441,7 +441,9 @@ def build_specs(opts: RunOptions, run_dir: Path) -> dict[str, ChildSpec]:
                "LEUKOFLOW_ACQUIRE_CROPS_ENDPOINT": ep["crops"],
                "LEUKOFLOW_ACQUIRE_COLLECTOR_ENDPOINT": ep["collector"],
                "LEUKOFLOW_ACQUIRE_METRICS_PORT": str(mp["acquire"]),
-               "LEUKOFLOW_ACQUIRE_RUN_ID": opts.run_id}
+               "LEUKOFLOW_ACQUIRE_RUN_ID": opts.run_id,
+               # epochs claimed in the run folder: cell ids unique across restarts
+               "LEUKOFLOW_ACQUIRE_STATE_DIR": str(run_dir)}
         if opts.seed is not None:
             env["LEUKOFLOW_ACQUIRE_SEED"] = str(opts.seed)
         if opts.rate_hz is not None:
