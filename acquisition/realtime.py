@@ -46,6 +46,8 @@ class RealtimeMonitor:
         self.backlog = 0
         self.backlog_max = 0
         self.t_first: float | None = None
+        self.cpu_first: float | None = None
+        self._steady_cpu: float | None = None
         self._steady: tuple[float, int, int] | None = None  # (t, taken, dropped) at warm-up end
         self._samples: deque[tuple[float, int]] = deque()
         self._last_sample = 0.0
@@ -67,6 +69,7 @@ class RealtimeMonitor:
         now = time.monotonic() if now is None else now
         if self.t_first is None:
             self.t_first = now
+            self.cpu_first = time.process_time()
             self._samples.append((now, 0))
         n_drop = 0
         for reason, n in (dropped or {}).items():
@@ -80,6 +83,7 @@ class RealtimeMonitor:
         self.backlog_max = max(self.backlog_max, self.backlog)
         if self._steady is None and not self.warming_up(now):
             self._steady = (now, self.taken, self.dropped_total)
+            self._steady_cpu = time.process_time()
         if now - self._last_sample >= 0.1:
             self._last_sample = now
             self._samples.append((now, self.taken))
@@ -121,6 +125,14 @@ class RealtimeMonitor:
         t0, n0, _ = self._steady
         return (self.taken - n0) / (now - t0) if now > t0 else None
 
+    def cpu_per_frame_s(self) -> float | None:
+        """CPU time of this process per frame taken since the end of the warm-up [s]
+        (all threads; independent of how busy the machine is, unlike the frame rate)."""
+        if self._steady is None or self._steady_cpu is None:
+            return None
+        n = self.taken - self._steady[1]
+        return (time.process_time() - self._steady_cpu) / n if n > 0 else None
+
     def steady_dropped(self) -> int:
         """Frames dropped since the end of the warm-up."""
         return self.dropped_total - (self._steady[2] if self._steady else self.dropped_total)
@@ -161,4 +173,47 @@ class RealtimeMonitor:
             "backlog": self.backlog,
             "backlog_max": self.backlog_max,
             "cells_in_dropped_frames_estimate": self.cells_in_dropped_frames(cells),
+            "cpu_ms_per_frame": None if (c := self.cpu_per_frame_s()) is None else 1e3 * c,
         }
+
+
+def camera_summary(senders: dict[str, Any]) -> dict[str, Any] | None:
+    """Keeping-up figures of a run from the collector's per-sender accounting.
+
+    Sums over the acquisition senders (``acquire-…``: one per process start, so a restarted
+    acquisition adds up); None when no acquisition reported (replay of crop recordings).
+
+    Parameters
+    ----------
+    senders : dict
+        ``summary["senders"]``: sender id -> its last accounting report.
+    """
+    cams = [st["camera"] for s, st in senders.items()
+            if str(s).split("-", 1)[0] == "acquire" and isinstance(st, dict)
+            and isinstance(st.get("camera"), dict) and "frames_taken" in st["camera"]]
+    if not cams:
+        return None
+    dropped: Counter[str] = Counter()
+    for c in cams:
+        for reason, n in (c.get("frames_dropped") or {}).items():
+            dropped[str(reason)] += int(n)
+    taken = sum(int(c.get("frames_taken", 0)) for c in cams)
+    captured = sum(int(c.get("frames_captured", 0)) for c in cams)
+    last = cams[-1]
+    return {
+        "paced": any(bool(c.get("paced")) for c in cams),
+        "nominal_hz": max(float(c.get("nominal_hz") or 0.0) for c in cams),
+        "steady_hz": last.get("steady_hz"),
+        "steady_ratio": last.get("steady_ratio"),
+        "frames_taken": taken,
+        "frames_captured": captured,
+        "frames_dropped": dict(dropped),
+        "frames_dropped_total": int(sum(dropped.values())),
+        "frames_dropped_warmup": sum(int(c.get("frames_dropped_warmup", 0)) for c in cams),
+        "frames_dropped_fraction": sum(dropped.values()) / captured if captured else 0.0,
+        "cells_in_dropped_frames_estimate": float(sum(
+            float(c.get("cells_in_dropped_frames_estimate", 0.0)) for c in cams)),
+        "backlog_max": max(int(c.get("backlog_max", 0)) for c in cams),
+        "cpu_ms_per_frame": last.get("cpu_ms_per_frame"),
+        "processes": len(cams),
+    }

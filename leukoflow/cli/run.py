@@ -29,7 +29,8 @@ RUN = ConfigOptions("leukoflow.run.orchestrate:RunOptions", "run",
 #: replay sets the source, pace, explainer and stop condition itself
 REPLAY = ConfigOptions("leukoflow.run.orchestrate:RunOptions", "run",
                        exclude=("source", "duration_s", "cells", "explain", "seed", "rate_hz",
-                                "replay_rate", "replay_realtime", "extra_acquire_args"),
+                                "as_fast_as_possible", "replay_rate", "replay_realtime",
+                                "extra_acquire_args"),
                        flags=_RUN_FLAGS, extra=_RUN_EXTRA)
 COLLECTOR = ConfigOptions("leukoflow.run.collector:CollectorConfig", "collector",
                           exclude=("record",),

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.acquisition.realtime import camera_summary
 from leukoflow.core.stats import reliability_bins
 from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.reports.drift_section import drift_section, is_valid, validity_banner
@@ -295,6 +296,7 @@ def lost_section(summary: Mapping[str, Any], sup: Mapping[str, Any],
                      summary["sequence_gaps"]])
     body.append(_table(rows, ["outcome", "reason", "cells"]) if rows
                 else "<p>No cell was rejected or dropped.</p>")
+    body.extend(camera_section(camera_summary(summary.get("senders") or {})))
     restarts = dict(summary.get("restarts", {}))
     for child, n in (sup.get("restarts") or {}).items():
         restarts[child] = max(restarts.get(child, 0), n)
@@ -321,6 +323,48 @@ def lost_section(summary: Mapping[str, Any], sup: Mapping[str, Any],
     if gaps:
         body.append("<p>Gaps of more than 1 s without results: "
                     + ", ".join(f"at {t:.1f} s for {d:.1f} s" for t, d in gaps[:20]) + "</p>")
+    return body
+
+
+def _camera_rate(cam: Mapping[str, Any] | None) -> str | None:
+    if cam is None:
+        return None
+    if not cam.get("paced"):
+        return "unpaced"
+    steady = cam.get("steady_hz")
+    return (f"{'–' if steady is None else f'{steady:.0f}'} / {cam.get('nominal_hz', 0):.0f}"
+            f" ({cam.get('frames_dropped_total', 0)} frames dropped)")
+
+
+def camera_section(cam: Mapping[str, Any] | None) -> list[str]:
+    """HTML of "keeping up with the camera" (frames dropped before processing)."""
+    if cam is None:
+        return []
+    body = ["<h3>Keeping up with the camera</h3>"]
+    if not cam.get("paced"):
+        body.append("<p>Unpaced run: frames were taken as fast as the acquisition processed "
+                    f"them ({cam.get('frames_taken', 0)} frames; simulated time ran slower "
+                    "than real time, nothing was dropped).</p>")
+        return body
+    nominal = cam.get("nominal_hz") or 0.0
+    steady = cam.get("steady_hz")
+    n_drop = cam.get("frames_dropped_total", 0)
+    keep = steady is not None and steady >= 0.95 * nominal
+    verdict = ('<span class="ok">kept up</span>' if keep and not n_drop else
+               '<span class="bad">fell behind</span>' if not keep
+               else '<span class="bad">dropped frames</span>')
+    body.append(f"<p>Camera {nominal:.0f} frames/s; acquisition after the warm-up "
+                f"{_fmt(steady)} frames/s — {verdict}. Frames captured "
+                f"{cam.get('frames_captured', 0)}, taken {cam.get('frames_taken', 0)}, "
+                f"dropped {n_drop} ({100 * cam.get('frames_dropped_fraction', 0.0):.2f} %; "
+                f"{cam.get('frames_dropped_warmup', 0)} during the warm-up); about "
+                f"{cam.get('cells_in_dropped_frames_estimate', 0.0):.0f} cells passed in "
+                "dropped frames and are missing from the counts (the differential of the "
+                "counted cells is not biased by it: frames are lost whatever they hold). "
+                f"Largest backlog {cam.get('backlog_max', 0)} frames.</p>")
+    rows = [[r, n] for r, n in (cam.get("frames_dropped") or {}).items()]
+    if rows:
+        body.append(_table(rows, ["reason frames were dropped", "frames"]))
     return body
 
 
@@ -355,6 +399,8 @@ def write_run_report(run_dir: str | Path, title: str | None = None) -> Path:
         ["throughput [cells/s]", thr.get("mean_cells_per_s")],
         ["latency p50 [ms]", None if lat.get("run_p50_s") is None else lat["run_p50_s"] * 1e3],
         ["latency p99 [ms]", None if lat.get("run_p99_s") is None else lat["run_p99_s"] * 1e3],
+        ["frames/s taken (after warm-up) / camera",
+         _camera_rate(camera_summary(summary.get("senders") or {}))],
         ["duration [s]", sup.get("duration_s", thr.get("span_s"))],
     ], ["quantity", "value"]))
     figs: list[str] = []

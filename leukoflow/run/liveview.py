@@ -134,6 +134,13 @@ class StateFeed:
         self.services = {
             "frames_per_s": fps,
             "frames_total": frames if acq else None,
+            # keeping up with the camera (acquisition's own gauges and counters)
+            "frame_rate_nominal": acq.get("leukoflow_frame_rate_nominal_hertz"),
+            "frame_rate_achieved": acq.get("leukoflow_frame_rate_achieved_hertz"),
+            "frames_dropped": _sum(acq, "leukoflow_frames_dropped_total") if acq else None,
+            "frame_backlog": acq.get("leukoflow_frame_backlog"),
+            "warming_up": acq.get("leukoflow_warming_up"),
+            "cells_in_dropped_frames": acq.get("leukoflow_cells_in_dropped_frames"),
             "queues": queues,
             "explainer_backlog": exp.get("leukoflow_explainer_backlog") if exp else None,
             "explanations": _sum(exp, "leukoflow_explanations_total") if exp else None,
@@ -199,6 +206,7 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
     s.add_row("dropped", str(acc.get("dropped_total", 0)), "explainer backlog",
               "–" if services.get("explainer_backlog") is None
               else f"{services['explainer_backlog']:.0f}")
+    camera = camera_line(services)
     queues = services.get("queues") or {}
     q = ", ".join(f"{k} {v:.0f}" for k, v in sorted(queues.items())) or "–"
     restarts = state.get("restarts") or {}
@@ -208,7 +216,34 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
     from rich.text import Text
 
     lines = [Text(text, style=style) for text, style in live_lines(state)]
+    if camera is not None:
+        lines.insert(0, Text(*camera))
     return Group(t, s, Text(footer), *lines)
+
+
+def camera_line(services: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Keeping up with the camera: (text, style), red when frames are lost after the warm-up.
+
+    None when the acquisition's metrics are not available (replay of crop recordings).
+    """
+    nominal = services.get("frame_rate_nominal")
+    achieved = services.get("frame_rate_achieved")
+    if nominal is None or achieved is None:
+        return None
+    dropped = services.get("frames_dropped") or 0.0
+    cells = services.get("cells_in_dropped_frames") or 0.0
+    warming = bool(services.get("warming_up"))
+    if nominal <= 0:
+        return f"camera: unpaced, {achieved:.0f} frames/s (as fast as possible)", "dim"
+    text = (f"camera: {achieved:.0f} of {nominal:.0f} frames/s "
+            f"({100 * achieved / nominal:.0f} %), backlog "
+            f"{services.get('frame_backlog') or 0:.0f} frames, dropped {dropped:.0f} frames "
+            f"(~{cells:.0f} cells)")
+    if warming:
+        return text + " — warming up", "yellow"
+    behind = achieved < 0.95 * nominal
+    return (text + (" — FALLING BEHIND" if behind else ""),
+            "bold red" if behind else ("yellow" if dropped else "green"))
 
 
 class LiveView:

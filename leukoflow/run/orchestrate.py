@@ -40,6 +40,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from leukoflow.acquisition.realtime import camera_summary
 from leukoflow.core import curve, lifeline, transport, wire
 from leukoflow.core.config import bounded
 from leukoflow.core.service import StopSignals, control_message
@@ -324,7 +325,11 @@ class RunOptions:
     replay_rate : float or None
         Replay: cells/s (None with ``replay_realtime`` False: as fast as possible).
     rate_hz : float or None
-        Acquisition frame pacing [frames/s] (None: acquisition's default).
+        Frame rate of the simulated/replayed camera [frames/s] (None or 0: its nominal
+        rate).
+    as_fast_as_possible : bool
+        Take frames as fast as the acquisition processes them instead of in real time
+        (benchmarks: nothing is dropped, simulated time runs slower than real time).
     replay_realtime : bool
         Replay at the recorded pace.
     seed : int or None
@@ -367,6 +372,7 @@ class RunOptions:
     run_id: str = ""
     extra_acquire_args: list[str] = field(default_factory=list)
     transport: str = "ipc"
+    as_fast_as_possible: bool = False
     keys: str = ""
     socket_dir: str = ""
 
@@ -456,6 +462,8 @@ def build_specs(opts: RunOptions, run_dir: Path) -> dict[str, ChildSpec]:
             spec.env[curve.KEYS_ENV] = opts.keys
     return specs
 
+        if opts.as_fast_as_possible:
+            env["LEUKOFLOW_ACQUIRE_AS_FAST_AS_POSSIBLE"] = "true"
 
 def prepare_transport(opts: RunOptions, run_dir: Path) -> curve.KeyStore | None:
     """Make the run's ZeroMQ transport private; return the keys of a ``tcp`` run.
@@ -671,3 +679,4 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "duration_s": summary.get("supervisor", {}).get("duration_s"),
     }
     return out
+        "camera": camera_summary(summary.get("senders") or {}),
