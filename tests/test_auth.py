@@ -371,3 +371,68 @@ def test_compose_and_systemd_run_the_services_with_keys(tmp_path) -> None:
         cp.optionxform = str
         cp.read(root / "systemd" / f"leukoflow-{unit}.service")
         assert cp["Service"]["Environment"] == f"LEUKOFLOW_KEYS={env['LEUKOFLOW_KEYS']}"
+
+
+def test_explainer_refuses_strangers_wrong_roles_and_wrong_crop_sizes(keys, other_keys,
+                                                                      tmp_path,
+                                                                      monkeypatch) -> None:
+    """Only workers' explain requests with crops of the model's size are explained; a
+    ``stop`` from anyone but a supervisor (who is not even admitted here) is refused."""
+    import torch
+
+    from leukoflow.explain.model import ModelBundle
+    from leukoflow.explain.service import ExplainConfig, ExplainService
+    from leukoflow.models.architectures import LeNet5
+
+    monkeypatch.setenv(curve.KEYS_ENV, str(keys.folder))
+    torch.manual_seed(0)
+    bundle = ModelBundle.from_module(LeNet5(), mean=0.5, std=0.5, name="auth-test")
+    side = bundle.module.input_size or 64
+    cfg = ExplainConfig(endpoint=f"tcp://127.0.0.1:{_free_port()}", metrics_port=0,
+                        run_dir=str(tmp_path), backlog=8, methods=("guided_backprop",))
+    svc = ExplainService(cfg, bundle=bundle).start()
+    ctx = zmq.Context()
+    socks = []
+
+    def peer(**kw) -> zmq.Socket:
+        s = transport.make_socket(ctx, "PUSH", svc.endpoint, bind=False, immediate=False, **kw)
+        socks.append(s)
+        return s
+
+    def explain_msg(sender, n_side, cid):
+        probs = np.full((1, 4), 0.25, np.float32)
+        crops = np.zeros((1, n_side, n_side), np.float32)
+        return sender.message("explain", crops, ids=[cid], pred=[1], decision=["uncertain"],
+                              conf=[0.25], ood_score=[0.0], classes=list(CLASS_NAMES),
+                              model="m", probs=probs.tolist())
+
+    def rejected(reason: str) -> float:
+        body = svc.metrics.exposition().decode()
+        for line in body.splitlines():
+            if line.startswith(f'leukoflow_messages_rejected_total{{reason="{reason}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    try:
+        assert wait_for(lambda: svc.health.ready, 120)
+        stranger, wrong = peer(keys=False), peer(keys=other_keys, identity="infer")
+        worker = peer(keys=keys, identity="infer")
+        for s in (stranger, wrong):
+            snd = wire.Sender("r", "supervisor")
+            transport.send(s, snd.message("control", cmd="stop", stats={}), block=True)
+            transport.send(s, explain_msg(wire.Sender("r", "infer"), side, 7), block=True)
+        snd = wire.Sender("r", "infer")
+        transport.send(worker, snd.message("control", cmd="stop", stats={}), block=True)
+        transport.send(worker, explain_msg(snd, side - 16, 8), block=True)  # wrong size
+        transport.send(worker, explain_msg(snd, side, 9), block=True)
+        assert wait_for(lambda: (tmp_path / "explanations" / "9.json").exists(), 120)
+        assert wait_for(lambda: rejected("unauthorized") == 1 and rejected("shape") == 1, 30)
+        assert wait_for(lambda: rejected("unauthenticated") >= 2, 30)
+        assert not svc.stop_event.is_set()
+        assert not (tmp_path / "explanations" / "7.json").exists()
+        assert not (tmp_path / "explanations" / "8.json").exists()
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+        svc.stop()
