@@ -3,7 +3,9 @@
 Side by side in one run, each in a separate receiver process:
 * raw: one bare 16 KiB frame per message (the ZeroMQ ceiling, no header, no validation);
 * wire v1, one crop per message (msgpack header + payload, fully validated on receipt);
-* wire v1, 32 crops per message (batching amortises the per-message cost).
+* wire v1, 32 crops per message (batching amortises the per-message cost);
+* the same over CurveZMQ (encrypted, ZAP-authenticated: what deployments with keys use) and
+  over ``ipc://`` in a private folder (what ``leukoflow run`` uses), against plain TCP.
 Throughput is counted in crops/s at the receiver.
 """
 
@@ -20,13 +22,19 @@ from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
 
 
-def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue) -> None:
+def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue,
+              keys_dir: str = "") -> None:
     import zmq
 
+    from leukoflow.core import curve, transport
 
     ctx = zmq.Context()
-    s = ctx.socket(zmq.PULL)
-    s.bind(endpoint)
+    if keys_dir:
+        s = transport.make_socket(ctx, "PULL", endpoint, bind=True, hwm=1000,
+                                  keys=curve.KeyStore(keys_dir), serves="crops")
+    else:
+        s = ctx.socket(zmq.PULL)
+        s.bind(endpoint)
     out.put("ready")
     cells = 0
     t0 = None
@@ -42,19 +50,27 @@ def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue) -> None:
     ctx.destroy(linger=0)
 
 
-def _measure(mode: str, n_msgs: int, per_msg: int, port: int) -> float:
+def _measure(mode: str, n_msgs: int, per_msg: int, port: int, keys_dir: str = "",
+             endpoint: str = "") -> float:
     import zmq
 
+    from leukoflow.core import curve, transport
 
-    endpoint = tcp_endpoint(port)
+    endpoint = endpoint or tcp_endpoint(port)
     q: mp.Queue = mp.get_context("fork").Queue()
-    p = mp.get_context("fork").Process(target=_receiver, args=(endpoint, n_msgs, mode, q))
+    p = mp.get_context("fork").Process(target=_receiver,
+                                       args=(endpoint, n_msgs, mode, q, keys_dir))
     p.start()
     q.get(timeout=60)
     ctx = zmq.Context()
-    s = ctx.socket(zmq.PUSH)
-    s.setsockopt(zmq.SNDHWM, 1000)
-    s.connect(endpoint)
+    if keys_dir:
+        s = transport.make_socket(ctx, "PUSH", endpoint, bind=False, hwm=1000,
+                                  immediate=False, keys=curve.KeyStore(keys_dir),
+                                  identity="infer")
+    else:
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, 1000)
+        s.connect(endpoint)
     side = CROP_SIZE_PX
     crops = np.random.default_rng(0).normal(size=(per_msg, side, side)).astype(np.float32)
     snd = wire.Sender("bench", "acquire")
@@ -78,6 +94,22 @@ def run(quick: bool = False) -> dict:
     raw = _measure("raw", n, 1, 5591)
     one = _measure("wire", n, 1, 5592)
     batched = _measure("wire", max(200, n // 16), 32, 5593)
+    import shutil
+    import tempfile
+
+    from leukoflow.core import curve, transport
+
+    tmp = tempfile.mkdtemp(prefix="bench-keys-")
+    sock_dir = transport.private_ipc_folder()
+    try:
+        curve.create_keys(f"{tmp}/keys")
+        one_curve = _measure("wire", n, 1, 5594, keys_dir=f"{tmp}/keys")
+        batched_curve = _measure("wire", max(200, n // 16), 32, 5595, keys_dir=f"{tmp}/keys")
+        batched_ipc = _measure("wire", max(200, n // 16), 32, 0,
+                               endpoint=f"ipc://{sock_dir}/crops")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
     return {
         "machine": machine(),
         "rows": [
@@ -85,6 +117,12 @@ def run(quick: bool = False) -> dict:
             row("wire v1, 1 crop/message", one, "crops/s", "raw", raw,
                 "per-message cost: batch crops"),
             row("wire v1, 32 crops/message", batched, "crops/s", "raw", raw, "> 1x raw"),
+            row("wire v1 + CurveZMQ, 1 crop/message", one_curve, "crops/s",
+                "wire v1, 1 crop/message", one, "encryption cost per message"),
+            row("wire v1 + CurveZMQ, 32 crops/message", batched_curve, "crops/s",
+                "wire v1, 32 crops/message", batched, ">= 0.5x plain TCP"),
+            row("wire v1 over ipc://, 32 crops/message", batched_ipc, "crops/s",
+                "wire v1, 32 crops/message", batched, ">= 1x TCP (leukoflow run)"),
         ],
     }
 
