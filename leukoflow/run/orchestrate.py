@@ -364,6 +364,7 @@ class RunOptions:
     metrics_base_port: int = transport.DEFAULT_METRICS_BASE_PORT
     replay_rate: float | None = None
     rate_hz: float | None = None
+    as_fast_as_possible: bool = False
     replay_realtime: bool = False
     seed: int | None = None
     drain_timeout_s: float = 5.0
@@ -372,7 +373,6 @@ class RunOptions:
     run_id: str = ""
     extra_acquire_args: list[str] = field(default_factory=list)
     transport: str = "ipc"
-    as_fast_as_possible: bool = False
     keys: str = ""
     socket_dir: str = ""
 
@@ -454,6 +454,8 @@ def build_specs(opts: RunOptions, run_dir: Path) -> dict[str, ChildSpec]:
             env["LEUKOFLOW_ACQUIRE_SEED"] = str(opts.seed)
         if opts.rate_hz is not None:
             env["LEUKOFLOW_ACQUIRE_RATE_HZ"] = str(opts.rate_hz)
+        if opts.as_fast_as_possible:
+            env["LEUKOFLOW_ACQUIRE_AS_FAST_AS_POSSIBLE"] = "true"
         specs["source"] = ChildSpec(
             "source", _cli("acquire", *opts.extra_acquire_args), restart=True, env=env,
             ready_url=f"http://127.0.0.1:{mp['acquire']}/healthz")
@@ -462,8 +464,6 @@ def build_specs(opts: RunOptions, run_dir: Path) -> dict[str, ChildSpec]:
             spec.env[curve.KEYS_ENV] = opts.keys
     return specs
 
-        if opts.as_fast_as_possible:
-            env["LEUKOFLOW_ACQUIRE_AS_FAST_AS_POSSIBLE"] = "true"
 
 def prepare_transport(opts: RunOptions, run_dir: Path) -> curve.KeyStore | None:
     """Make the run's ZeroMQ transport private; return the keys of a ``tcp`` run.
@@ -677,6 +677,6 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "collector_restarts": summary.get("collector_restarts", 0),
         "recording": summary.get("recording", {}),
         "duration_s": summary.get("supervisor", {}).get("duration_s"),
+        "camera": camera_summary(summary.get("senders") or {}),
     }
     return out
-        "camera": camera_summary(summary.get("senders") or {}),
