@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from leukoflow.acquisition.qc.measure import QCConfig
+from leukoflow.core.jsonutil import atomic_write_json
 
 FORMAT = "leukoflow-qc/1"
 #: Status codes of :class:`QCStatus` (and values of the ``leukoflow_qc_status`` gauge).
@@ -54,22 +54,8 @@ def write_record(result: dict[str, Any], folder: str | Path, source: str = "",
     rec = {"format": FORMAT, "created": t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
            "source": source, **(extra or {}), **result}
     name = f"qc-{t.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:6]}.json"
-    tmp = folder / (name + ".tmp")
-    tmp.write_text(json.dumps(_clean(rec), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, folder / name)
+    atomic_write_json(folder / name, rec)  # NaN/inf -> null, numpy -> numbers
     return folder / name
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if hasattr(v, "item"):
-        return _clean(v.item())
-    return v
 
 
 def read_records(folder: str | Path) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from leukoflow.core.jsonutil import json_safe
 from leukoflow.core.physics import DEFAULT_OPTICS, PIXEL_UM, WAVELENGTH_UM
 
 qc_app = typer.Typer(
@@ -84,9 +85,9 @@ def run_cmd(
     info = getattr(src, "info", {})
     if not no_save:
         res["record"] = str(write_record(res, cfg.folder, source=spec,
-                                         extra={"source_info": _jsonable(info)}))
+                                         extra={"source_info": json_safe(info)}))
     if as_json:
-        typer.echo(json.dumps(_jsonable({k: v for k, v in res.items() if k != "per_bead"}),
+        typer.echo(json.dumps(json_safe({k: v for k, v in res.items() if k != "per_bead"}),
                               sort_keys=True))
     else:
         s, b = res["scale"], res["beads"]
@@ -166,18 +167,6 @@ def fit_cmd(
         typer.echo(f"radius {fit.radius_px:.2f} px = {out['radius_um']:.3f} µm, index "
                    f"{out['index']:.5f}, centre ({fit.cy:.1f}, {fit.cx:.1f}) px, residual "
                    f"{fit.rms_rad:.3f} rad")
-
-
-def _jsonable(v):
-    import math
-
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 qc_app.command("run")(run_cmd)

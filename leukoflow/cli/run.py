@@ -238,17 +238,15 @@ def replay_publish(
     realtime: Annotated[bool, typer.Option("--realtime")] = False,
 ) -> None:
     """Publish a crop recording into inference (the replay source of ``run``)."""
-    import signal
-
+    from leukoflow.core.service import StopSignals
     from leukoflow.core.transport import DEFAULT_ENDPOINTS
     from leukoflow.run.replay import ReplayPublisher
 
     pub = ReplayPublisher(file, crops or DEFAULT_ENDPOINTS["crops"],
                           collector or DEFAULT_ENDPOINTS["collector"], run_id, rate=rate,
                           realtime=realtime)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: pub.stop())
-    stats = pub.run()
+    with StopSignals(lambda _sig: pub.stop()):
+        stats = pub.run()
     typer.echo(json.dumps(stats), err=True)
 
 
