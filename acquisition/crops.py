@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from leukoflow.acquisition.features import Detection, phase_features
-from leukoflow.core.physics import CROP_SIZE_PX, PIXEL_UM, WAVELENGTH_UM
+from leukoflow.acquisition.features import Detection, phase_features, refocus_distance_um
+from leukoflow.core.physics import CROP_SIZE_PX, DEFAULT_OPTICS, PIXEL_UM, WAVELENGTH_UM
 
 TWO_PI = 2.0 * math.pi
 
@@ -44,7 +44,9 @@ class CropConfig:
     pixel_um : float
         Phase-grid pixel size [µm] (recorded with every crop; default: the optics').
     wavelength_um : float
-        Wavelength [µm] for the dry mass.
+        Wavelength [µm] for the dry mass and the focus distance.
+    medium_index : float
+        Refractive index of the medium (focus distance).
     bg_dilate_px : int
         The background offset is the median outside the mask dilated by this many px.
     isolate_px : int
@@ -60,6 +62,7 @@ class CropConfig:
     with_amplitude: bool = False
     pixel_um: float = PIXEL_UM
     wavelength_um: float = WAVELENGTH_UM
+    medium_index: float = DEFAULT_OPTICS.medium_index
     bg_dilate_px: int = 3
     isolate_px: int = 6
 
@@ -78,7 +81,7 @@ class Capture:
     phase: np.ndarray
     mask: np.ndarray
     valid: np.ndarray
-    amplitude: np.ndarray | None
+    amplitude: np.ndarray | None  # copied whenever the frame has one (focus distance)
     t_acq_ns: int = 0
 
 
@@ -97,9 +100,10 @@ class CellCrop:
     bbox : tuple[int, int, int, int]
         (y0, x0, h, w) of the crop in frame coordinates [px] (may extend past the frame).
     features : dict
-        Phase features (:func:`leukoflow.acquisition.features.phase_features`) plus the
-        detection's shape features and the phase centroid in frame px (``pos_y``,
-        ``pos_x``).
+        The features of :data:`leukoflow.core.vocabulary.FEATURES` (units there): phase
+        features (:func:`leukoflow.acquisition.features.phase_features`), the detection's
+        shape features, the phase centroid in the frame (``pos_x``, ``pos_y`` [µm]) and the
+        focus distance (``refocus_um``, NaN without amplitude).
     det : Detection
         The detection this crop came from.
     unwrap_method : str
@@ -208,7 +212,7 @@ class CropExtractor:
         ph, valid = window(phase, y0, x0, side, side, 0.0)
         lab, _ = window(labels, y0, x0, side, side, 0)
         amp = None
-        if amplitude is not None and c.with_amplitude:
+        if amplitude is not None:
             amp, _ = window(amplitude, y0, x0, side, side, 1.0)
         return Capture(det, y0, x0, ph, lab == det.label, valid, amp, t_acq_ns)
 
@@ -232,6 +236,9 @@ class CropExtractor:
             ref = float(np.median(un[cap.valid])) if cap.valid.any() else 0.0
         un = un - ref  # background at 0 rad (removes 2πk and any residual offset)
         un[~cap.valid] = 0.0
+        refocus = refocus_distance_um(un, cap.amplitude, cap.mask, pixel_um=c.pixel_um,
+                                      wavelength_um=c.wavelength_um,
+                                      medium_index=c.medium_index)
         if c.isolate_px > 0:
             un[~ndi.binary_dilation(cap.mask, iterations=c.isolate_px)] = 0.0
         feats = phase_features(un, cap.mask, pixel_um=c.pixel_um, wavelength_um=c.wavelength_um)
@@ -246,17 +253,17 @@ class CropExtractor:
         sl = (slice(oy, oy + c.size), slice(ox, ox + c.size))
         crop = np.ascontiguousarray(un[sl], dtype=np.float32)
         amp = None
-        if cap.amplitude is not None:
+        if cap.amplitude is not None and c.with_amplitude:
             amp = np.ascontiguousarray(cap.amplitude[sl], dtype=np.float32)
         det = cap.det
-        pos_y = cap.y0 + feats["phase_cy"]
-        pos_x = cap.x0 + feats["phase_cx"]
+        pos_y = (cap.y0 + feats["phase_cy"]) * c.pixel_um
+        pos_x = (cap.x0 + feats["phase_cx"]) * c.pixel_um
         feats = {
             "area_um": det.area_um, "diameter_um": det.diameter_um,
             "eccentricity": det.eccentricity, "solidity": det.solidity, "focus": det.focus,
             "amp_std": det.amp_std, "pos_x": pos_x, "pos_y": pos_y,
             "dm_pg": feats["dm_pg"], "pha_mean": feats["pha_mean"],
-            "pha_max": feats["pha_max"], "pha_int": feats["pha_int"],
+            "pha_max": feats["pha_max"], "pha_int": feats["pha_int"], "refocus_um": refocus,
         }
         bbox = (cap.y0 + oy, cap.x0 + ox, c.size, c.size)
         return CellCrop(crop, amp, cap.mask[sl].copy(), bbox, feats, det, method)

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from leukoflow.acquisition.features import FEATURE_NAMES
 from leukoflow.acquisition.pipeline import EmittedCell
 from leukoflow.core import transport, wire
 from leukoflow.core.identity import make_ids
 from leukoflow.core.service import control_message, hello_message
+from leukoflow.core.vocabulary import FEATURE_NAMES
 
 DEFAULT_CROPS_ENDPOINT = transport.DEFAULT_ENDPOINTS["crops"]
 DEFAULT_COLLECTOR_ENDPOINT = transport.DEFAULT_ENDPOINTS["collector"]

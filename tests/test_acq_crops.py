@@ -15,6 +15,7 @@ from leukoflow.acquisition.crops import (
 )
 from leukoflow.acquisition.features import measure_objects
 from leukoflow.acquisition.segment import ThresholdSegmenter
+from leukoflow.core.physics import PIXEL_UM
 
 
 def _cell(shape, cy, cx, r, peak):
@@ -48,7 +49,9 @@ def test_thick_cell_unwrapped_and_background_zero():
     # centred on the phase centroid
     assert abs(y0 + 32 - 40.3) <= 1 and abs(x0 + 32 - 120.6) <= 1
     assert crop.features["pha_max"] == pytest.approx(9.0, abs=0.15)
-    assert crop.features["pos_x"] == pytest.approx(120.6, abs=0.3)
+    # positions in µm (dclab's pos_x/pos_y): phase-grid px times the pixel size
+    assert crop.features["pos_x"] == pytest.approx(120.6 * PIXEL_UM, abs=0.3 * PIXEL_UM)
+    assert crop.features["pos_y"] == pytest.approx(40.3 * PIXEL_UM, abs=0.3 * PIXEL_UM)
     assert ex.stats["fast"] + ex.stats["skimage"] == 1
 
 

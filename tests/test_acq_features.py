@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from leukoflow.acquisition.features import Detection, measure_objects, phase_features
+from leukoflow.acquisition.features import (
+    Detection,
+    measure_objects,
+    phase_features,
+    refocus_distance_um,
+)
 from leukoflow.acquisition.gates import REJECT_REASONS, GateConfig, GateCounter, QualityGates
 from leukoflow.acquisition.segment import ThresholdSegmenter
 from leukoflow.core.physics import dry_mass_pg
@@ -122,3 +127,22 @@ def test_gate_counter_and_config():
     assert cnt == {"too_small": 1, "out_of_focus": 2}
     assert set(REJECT_REASONS) >= {d.reason for d in dets if d.reason}
     assert g.config.to_dict()["min_focus"] == 2.0
+
+
+@pytest.mark.parametrize("dz_um", [-3.0, -1.5, 0.0, 1.5, 3.0])
+def test_refocus_distance_against_a_propagated_cell(dz_um):
+    """The TIE focus distance undoes a known defocus (angular-spectrum propagation)."""
+    from skimage.restoration import unwrap_phase
+
+    from leukoflow.acquisition.sim.optics import angular_spectrum
+    from leukoflow.core.physics import DEFAULT_OPTICS as O
+
+    cell = _ellipse((96, 96), 48.0, 48.0, 13, 15, peak=2.5).astype(np.float64)
+    field = angular_spectrum(np.exp(1j * cell), dz_um, PX, O.wavelength_um, O.medium_index)
+    phase = unwrap_phase(np.angle(field))
+    phase -= np.median(phase[:8])
+    est = refocus_distance_um(phase, np.abs(field), cell > 0.1, pixel_um=PX,
+                              wavelength_um=O.wavelength_um, medium_index=O.medium_index)
+    # propagating the field by the estimate brings it back into focus: est = -dz
+    assert est == pytest.approx(-dz_um, abs=0.15 + 0.15 * abs(dz_um))
+    assert math.isnan(refocus_distance_um(phase, None, cell > 0.1))

@@ -20,8 +20,19 @@ feature            content
 ``frame``          camera frame number of the crop
 ``time``           acquisition time since the first recorded cell [s]
 ``index``          event index (1-based, dclab convention)
-others             scalar features sent by acquisition when they are dclab features
+QPI features       every feature of :data:`leukoflow.core.vocabulary.FEATURES` (the one
+                   feature table): under its dclab name where dclab defines the quantity
+                   (``area_um``, ``pos_x``, ``pos_y`` [µm], ``qpi_dm`` [pg], ``qpi_pha_int``
+                   [rad], ``qpi_focus`` [µm], ``eccentr_prnc``, ``area_ratio``), else as
+                   ``lf_<name>`` (``lf_diameter_um``, ``lf_focus``, ``lf_amp_std``,
+                   ``lf_pha_mean``, ``lf_pha_max``); NaN where acquisition sent none
 =================  ==========================================================================
+
+dclab reads the ``lf_*`` features once they are registered (their names, labels and units
+are in ``user:extra_features``)::
+
+    for name, label in json.loads(h5.attrs["user:extra_features"]).items():
+        dclab.register_temporary_feature(name, label=label)
 
 All run and pipeline parameters go into the metadata (``params`` of the writer).
 
@@ -52,7 +63,15 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core.rtdc import RtdcWriter, base_meta, open_rtdc
-from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS, OOD_KINDS, SCORE_FEATURES
+from leukoflow.core.vocabulary import (
+    CLASS_NAMES,
+    DECISIONS,
+    FEATURES,
+    FEATURES_BY_NAME,
+    FEATURES_BY_STORED,
+    OOD_KINDS,
+    SCORE_FEATURES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +87,23 @@ USERDEF_FIELDS: dict[str, str] = {
 }
 """Meaning of the ``userdef`` features in a leukoflow recording (also stored in metadata)."""
 
-#: dclab scalar features that acquisition may send in ``feat`` and the recorder keeps.
-DCLAB_SCALARS: frozenset[str] = frozenset({
-    "area_cvx", "area_msd", "area_ratio", "area_um", "area_um_raw", "aspect", "bg_med",
-    "bg_off", "bright_avg", "bright_sd", "circ", "deform", "deform_raw", "eccentr_prnc",
-    "inert_ratio_cvx", "inert_ratio_prnc", "inert_ratio_raw", "per_ratio", "per_um_raw",
-    "pos_x", "pos_y", "qpi_dm", "qpi_dm_avg", "qpi_dm_dns", "qpi_dm_sd", "qpi_focus",
-    "qpi_pha_int", "qpi_ri_avg", "qpi_ri_sd", "size_x", "size_y", "sym_x", "sym_y", "tilt",
-    "volume",
-})
+#: ``lf_*`` features of a recording (dclab defines no such quantity) -> "label [unit]".
+EXTRA_FEATURES: dict[str, str] = {
+    f.stored: f"{f.label} [{f.unit}]" if f.unit else f.label for f in FEATURES if not f.dclab}
+
+
+def acquisition_features(stored: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Recording features (dclab or ``lf_*`` names) -> the acquisition's names and units.
+
+    The inverse of what :class:`Recorder` stores (replay publishes these); features not in
+    the table (:data:`leukoflow.core.vocabulary.FEATURES`) are left out.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, values in stored.items():
+        f = FEATURES_BY_STORED.get(name)
+        if f is not None:
+            out[f.name] = np.asarray(f.from_stored(np.asarray(values, dtype=float)))
+    return out
 
 _SB_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _M32 = 0xFFFFFFFF
@@ -291,13 +318,15 @@ class Recorder:
         m["user"]["kind_names"] = json.dumps(self.kind_names)
         m["user"]["decision_names"] = json.dumps(list(DECISIONS))
         m["user"]["userdef"] = json.dumps(USERDEF_FIELDS)
+        m["user"]["extra_features"] = json.dumps(EXTRA_FEATURES)
         m["user"]["recording"] = "leukoflow live run"
         self.flush_interval_s = float(flush_interval_s)
         self.max_pending = int(max_pending)
         self._writer = RtdcWriter(self.path, m, params=_no_empty(params or {}),
                                   flush_interval_s=self.flush_interval_s, swmr=True)
         self._pending: OrderedDict[int, tuple] = OrderedDict()
-        self._extra: list[str] | None = None
+        #: feat names sent by acquisition that the feature table does not know (not stored)
+        self.unknown_features: set[str] = set()
         self._t0_ns: int | None = None
         self._buf: list[dict[str, np.ndarray]] = []
         self._last_flush = time.monotonic()
@@ -320,8 +349,11 @@ class Recorder:
         """
         ids = header["ids"]
         feat = header.get("feat", {}) or {}
-        if self._extra is None:
-            self._extra = sorted(k for k in feat if k in DCLAB_SCALARS)
+        unknown = set(feat) - set(FEATURES_BY_NAME) - self.unknown_features
+        if unknown:
+            log.warning("recording skips features not in the feature table: %s",
+                        ", ".join(sorted(unknown)))
+            self.unknown_features |= unknown
         labels = header.get("labels")
         kinds = header.get("kinds")
         frames = header.get("frames")
@@ -329,7 +361,8 @@ class Recorder:
         t_msg = min(header.get("t", {}).values(), default=0)
         data = np.array(crops, dtype=np.float32, copy=True)
         for i, cid in enumerate(ids):
-            row = tuple(float(feat[k][i]) if k in feat else math.nan for k in self._extra)
+            row = tuple(float(feat[f.name][i]) if f.name in feat else math.nan
+                        for f in FEATURES)
             self._pending[int(cid)] = (
                 data[i],
                 row,
@@ -413,8 +446,8 @@ class Recorder:
         }
         for k, name in enumerate(SCORE_FEATURES):
             block[name] = p[:, k].astype(float)
-        for k, name in enumerate(self._extra or []):
-            block[name] = np.array([it[1][k] for it in items], dtype=float)
+        for k, f in enumerate(FEATURES):  # every table feature, NaN where none was sent
+            block[f.stored] = f.to_stored(np.array([it[1][k] for it in items], dtype=float))
         self._buf.append(block)
         self.maybe_flush()
         return n

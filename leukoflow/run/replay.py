@@ -29,7 +29,7 @@ from leukoflow.inference.backends import create_backend
 from leukoflow.inference.decision import rule_from_artifact
 from leukoflow.models.artifact import load_artifact
 from leukoflow.run.collector import read_cell_log
-from leukoflow.run.recorder import DCLAB_SCALARS, read_recording
+from leukoflow.run.recorder import acquisition_features, read_recording
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ReplayPublisher:
         kinds = rec.get("kind") or [""] * rec["n"]
         times = rec.get("time", np.zeros(rec["n"]))
         frames = rec.get("frame", np.arange(rec["n"]))
-        feats = {k: v for k, v in rec["features"].items() if k in DCLAB_SCALARS}
+        feats = acquisition_features(rec["features"])  # the acquisition's names and units
         t0 = time.monotonic()
         last_acc = 0.0
         n_msgs = 0

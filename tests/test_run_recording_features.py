@@ -1,0 +1,115 @@
+"""A live recording keeps every QPI feature under its dclab name (#13).
+
+One real ``leukoflow run --record`` (acquisition on the simulated instrument with every
+object 2 ± 0.3 µm out of focus, an inference worker with the shipped model, the collector
+and its recorder; real processes, ZeroMQ and HDF5). dclab opens the recording and reads the
+QPI features; their values are checked against the acquisition's own per-cell values (the
+same pipeline re-run in process on the same simulated frames, matched by cell id) and the
+focus distance against the simulator's ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run_port_args
+
+from leukoflow.core.physics import PIXEL_UM, WAVELENGTH_UM, dry_mass_pg
+from leukoflow.core.vocabulary import FEATURES
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
+SOURCE = "sim:7:1.0:defocus2um"
+DEFOCUS_UM = 2.0  # the profile's focus offset (acquisition/sim/profiles/defocus2um.toml)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory) -> dict:
+    """A short live run with a recording: paths and the run's --json summary."""
+    tmp = tmp_path_factory.mktemp("live")
+    rec = tmp / "rec.rtdc"
+    env = {**os.environ, "LEUKOFLOW_QC_FOLDER": str(tmp / "qc"),
+           # every frame taken (no real-time drops), so an in-process re-run sees the same
+           "LEUKOFLOW_ACQUIRE_AS_FAST_AS_POSSIBLE": "1"}
+    res = subprocess.run([*CLI, "run", "--json", "--no-explain", "--source", SOURCE,
+                          "--cells", "60", "--out", str(tmp / "run"), "--record", str(rec),
+                          *run_port_args()], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {"rec": rec, "run": tmp / "run", "summary": json.loads(res.stdout)}
+
+
+def _acquisition_cells(ids: set[int], max_frames: int = 5000) -> dict[int, tuple]:
+    """The acquisition's own cells (features, truth id) of the run, re-run in process."""
+    from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig
+    from leukoflow.acquisition.sources import create_source
+
+    src = create_source(SOURCE, seed=0)  # as the acquisition service builds it
+    src.open()
+    pipe = AcquisitionPipeline(PipelineConfig())
+    pipe.set_background(src.background)
+    defocus: dict[int, float] = {}
+    cells: dict[int, tuple] = {}
+    for _ in range(max_frames):
+        raw = src.read()
+        for t in raw.truth:
+            defocus[t.cell_id] = t.defocus_um
+        for c in pipe.process(raw).cells:
+            cells[c.cell_id] = (c.crop.features, defocus.get(c.truth_id, np.nan), c.label)
+        if ids <= set(cells):
+            break
+    src.close()
+    return cells
+
+
+def test_live_recording_has_the_qpi_features_with_the_acquisitions_values(live) -> None:
+    import dclab
+
+    s = live["summary"]
+    assert s["accounting"]["balanced"] and s["recording"]["events"] >= 5
+    with dclab.new_dataset(live["rec"]) as ds:
+        innate = set(ds.features_innate)
+        for name in ("qpi_dm", "qpi_pha_int", "qpi_focus", "area_um", "pos_x", "pos_y",
+                     "eccentr_prnc", "area_ratio", "qpi_pha"):
+            assert name in innate, name
+        assert not any(n.startswith("lf_") for n in innate)  # unregistered: dclab skips them
+        extra = json.loads(ds.config["user"]["extra_features"])
+        stored = {n: np.asarray(ds[n]) for n in innate if ds[n].ndim == 1}
+    assert set(extra) == {f.stored for f in FEATURES if not f.dclab}
+    for name, label in extra.items():  # the documented way to read the lf_* features
+        dclab.register_temporary_feature(name, label=label)
+    try:
+        with dclab.new_dataset(live["rec"]) as ds:
+            for name in extra:
+                stored[name] = np.asarray(ds[name])
+    finally:
+        for name in extra:
+            dclab.rtdc_dataset.feat_temp.deregister_temporary_feature(name)
+
+    ids = stored["userdef6"].astype(int)
+    acq = _acquisition_cells(set(ids.tolist()))
+    assert set(ids.tolist()) <= set(acq)
+    for k, cid in enumerate(ids):
+        feats, truth_defocus, label = acq[cid]
+        for f in FEATURES:  # every table feature, under its recording name and unit
+            want = f.to_stored(feats[f.name])
+            assert stored[f.stored][k] == pytest.approx(want, rel=1e-9, abs=1e-12), \
+                (cid, f.name, f.stored)
+        assert stored["userdef0"][k] == label
+        # ground truth: the object was simulated truth_defocus µm out of focus, so the field
+        # must be propagated by -truth_defocus to bring it into focus
+        assert stored["qpi_focus"][k] == pytest.approx(-truth_defocus, abs=0.45), cid
+    # dclab's units: positions in µm inside the 1024 x 320 px camera ROI (0.085 µm/px)
+    assert 0 <= stored["pos_x"].min() and stored["pos_x"].max() <= 1024 * 0.085
+    assert 0 <= stored["pos_y"].min() and stored["pos_y"].max() <= 320 * 0.085
+    assert np.median(stored["qpi_focus"]) == pytest.approx(-DEFOCUS_UM, abs=0.3)
+    # dry mass from the integrated phase: m = λ/(2π·α)·Σφ·A_px at the nominal pixel
+    np.testing.assert_allclose(stored["qpi_dm"],
+                               dry_mass_pg(1.0, PIXEL_UM, WAVELENGTH_UM) * stored["qpi_pha_int"],
+                               rtol=1e-9)
