@@ -38,6 +38,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 from leukoflow.benchmarks.common import machine, row
 from leukoflow.benchmarks.common import main as _print_rows
+from leukoflow.benchmarks.workload_explain import explainer_process, toy_crops
 from leukoflow.benchmarks.workload_infer import (
     count_results,
     make_test_artifact,
@@ -72,7 +73,6 @@ def lime_bench(quick: bool = False) -> tuple[list[dict], dict]:
     from captum._utils.models.linear_model import SkLearnRidge
     from captum.attr import Lime
 
-    from leukoflow.benchmarks.workload_explain import toy_crops
     from leukoflow.explain.lime_batched import LimeParams, cosine_kernel, explain_many
     from leukoflow.explain.ort_engine import ort_scorer
 
@@ -183,8 +183,6 @@ def worker_rate(model: str, n_msgs: int, tmp: str, explainer: str) -> dict:
     import multiprocessing as mp
 
     import zmq
-
-    from leukoflow.benchmarks.workload_explain import explainer_process
 
     mpc = mp.get_context("spawn")
     crops_ep = tcp_endpoint(free_tcp_port())

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from leukoflow.benchmarks.common import machine, main, row
-from leukoflow.core import wire
+from leukoflow.core import curve, transport, wire
 from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.transport import tcp_endpoint
 
@@ -25,8 +25,6 @@ from leukoflow.core.transport import tcp_endpoint
 def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue,
               keys_dir: str = "") -> None:
     import zmq
-
-    from leukoflow.core import curve, transport
 
     ctx = zmq.Context()
     if keys_dir:
@@ -53,8 +51,6 @@ def _receiver(endpoint: str, n_msgs: int, mode: str, out: mp.Queue,
 def _measure(mode: str, n_msgs: int, per_msg: int, port: int, keys_dir: str = "",
              endpoint: str = "") -> float:
     import zmq
-
-    from leukoflow.core import curve, transport
 
     endpoint = endpoint or tcp_endpoint(port)
     q: mp.Queue = mp.get_context("fork").Queue()
@@ -96,8 +92,6 @@ def run(quick: bool = False) -> dict:
     batched = _measure("wire", max(200, n // 16), 32, 5593)
     import shutil
     import tempfile
-
-    from leukoflow.core import curve, transport
 
     tmp = tempfile.mkdtemp(prefix="bench-keys-")
     sock_dir = transport.private_ipc_folder()

@@ -17,6 +17,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from leukoflow.benchmarks.workload_explain import toy_crops
 from leukoflow.explain.segmentation import multi_slic
 
 
@@ -24,7 +25,6 @@ def run(quick: bool = False) -> dict:
     """Return timings per cell [s] on the GPU (or CPU fallback) and on the CPU."""
     import torch
 
-    from leukoflow.benchmarks.workload_explain import toy_crops
     from leukoflow.explain.lime_batched import LimeParams, explain_many
     from leukoflow.explain.model import ModelBundle
     from leukoflow.models.architectures import LeNet5
