@@ -19,7 +19,7 @@ import pytest
 from helpers import http_get
 
 from leukoflow.core import wire
-from leukoflow.core.jsonutil import atomic_write_json, dumps, json_safe
+from leukoflow.core.jsonutil import atomic_write_json, dumps, fsync_folder, json_safe
 from leukoflow.core.metrics import ServiceMetrics
 from leukoflow.core.service import (
     ServiceScaffold,
@@ -62,6 +62,8 @@ def test_atomic_write_json_leaves_valid_file_and_no_temp(tmp_path: Path) -> None
     atomic_write_json(p, {"n": np.int32(8), "x": [1.5]})  # replaces
     assert json.loads(p.read_text()) == {"n": 8, "x": [1.5]}
     assert sorted(f.name for f in tmp_path.iterdir()) == ["s.json"]
+    fsync_folder(tmp_path)
+    fsync_folder(tmp_path / "missing")  # best effort: nothing to sync, no error
 
 
 # ----------------------------------------------------------------------------- messages

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["json_safe", "dumps", "atomic_write_bytes", "atomic_write_json"]
+__all__ = ["json_safe", "dumps", "atomic_write_bytes", "atomic_write_json", "fsync_folder"]
 
 
 def json_safe(obj: Any, *, strict: bool = False) -> Any:
@@ -78,16 +78,25 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
             os.fsync(fh.fileno())
     os.replace(tmp, p)
     if durable:
-        try:
-            dfd = os.open(p.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:  # some file systems refuse fsync on folders
-            pass
-        finally:
-            os.close(dfd)
+        fsync_folder(p.parent)
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """``fsync`` a folder, so that the names created or renamed in it are on disk.
+
+    Best effort: a folder that cannot be opened, or a file system that refuses ``fsync``
+    on folders, is skipped.
+    """
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(dfd)
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1,

@@ -251,16 +251,7 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    try:
-        dfd = os.open(p.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:  # some file systems refuse fsync on folders
-        pass
-    finally:
-        os.close(dfd)
+    jsonutil.fsync_folder(p.parent)
 
 
 def _flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
