@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from helpers import run_port_args
 
+from leukoflow.core.identity import split_ids
 from leukoflow.core.physics import PIXEL_UM, WAVELENGTH_UM, dry_mass_pg
 from leukoflow.core.vocabulary import FEATURES
 
@@ -92,7 +93,8 @@ def test_live_recording_has_the_qpi_features_with_the_acquisitions_values(live) 
         for name in extra:
             dclab.rtdc_dataset.feat_temp.deregister_temporary_feature(name)
 
-    ids = stored["userdef6"].astype(int)
+    epochs, ids = split_ids(stored["userdef6"].astype(np.int64))  # run-unique id -> cell number
+    assert len(set(epochs.tolist())) == 1  # one acquisition start
     acq = _acquisition_cells(set(ids.tolist()))
     assert set(ids.tolist()) <= set(acq)
     for k, cid in enumerate(ids):
