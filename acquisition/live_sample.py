@@ -21,6 +21,7 @@ import numpy as np
 from leukoflow.acquisition.features import FEATURE_NAMES
 from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig
 from leukoflow.acquisition.sources import create_source
+from leukoflow.core.config import build
 
 #: Objects per field of view of the generating flow (dense; coincidences are gated as live).
 LIVE_SAMPLE_CONCENTRATION = 0.3
@@ -35,7 +36,7 @@ def _part(args: tuple) -> dict[str, Any]:
     spec = f"sim:{sub}:{conc}" + (f":{profile}" if profile else "")
     src = create_source(spec)
     src.open()
-    pipe = AcquisitionPipeline(PipelineConfig(**(pipe_kwargs or {})))
+    pipe = AcquisitionPipeline(build(PipelineConfig, pipe_kwargs or {}))
     pipe.set_background(src.background)
     cells: list = []
     frames = 0
@@ -105,7 +106,7 @@ def live_sample(n_cells: int, seed: int = 0, profile: str = "", parts: int = 4,
             out = list(ex.map(_part, jobs))
     else:
         out = [_part(j) for j in jobs]
-    size = PipelineConfig(**(pipeline or {})).crop_size
+    size = build(PipelineConfig, pipeline or {}).crop.size
     return {
         "x": np.concatenate([o["x"] for o in out]) if out else np.zeros((0, size, size)),
         "feat": {k: np.concatenate([o["feat"][k] for o in out]) if out else np.zeros(0)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,8 +27,8 @@ from leukoflow.acquisition.prescreen import EmptyFramePrescreen, PrescreenConfig
 from leukoflow.acquisition.qc.scale import rescale_crop
 from leukoflow.acquisition.reconstruct import OffAxisConfig, Reconstructor
 from leukoflow.acquisition.segment import (
-    SEGMENTERS,
     Segmentation,
+    SegmentConfig,
     Segmenter,
     SplitConfig,
     split_touching,
@@ -46,115 +46,74 @@ SECTION = "acquire_pipeline"
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Every parameter of the acquisition pipeline (flat, for ``config.resolve``).
+    """Every parameter of the acquisition pipeline: the stages' own config dataclasses.
+
+    Resolved by :func:`leukoflow.core.config.resolve` (section :data:`SECTION`): each stage
+    is a nested section, e.g. TOML ``[acquire_pipeline.crop]`` ``size = 64`` or
+    ``LEUKOFLOW_ACQUIRE_PIPELINE_CROP_SIZE=64``; the top-level fields are
+    ``[acquire_pipeline]`` keys (``LEUKOFLOW_ACQUIRE_PIPELINE_PIXEL_UM``). Build one in code
+    with :func:`leukoflow.core.config.build` (``build(PipelineConfig, {"segment.threshold":
+    0.3})``). Its canonical form is the pipeline identifier
+    (:func:`leukoflow.core.config.pipeline_id`).
+
+    The pipeline sets the fields named in :attr:`DERIVED` itself (from the optics and
+    ``pixel_um``); they are not settings.
 
     Attributes
     ----------
-    recon_mode : str
-        Reconstruction mode (``fast`` or ``compatible``).
-    recon_backend : str
-        Reconstruction array backend (``numpy`` or ``torch``).
-    downsample : int
-        Fast-mode Fourier-crop factor (camera px per phase px).
-    segmenter : str
-        Segmenter registry name.
-    threshold_rad : float
-        Phase threshold of the segmenter [rad].
-    opening_radius : int
-        Opening disk radius [phase px].
-    max_small_px : int
-        Objects of at most this many pixels are dropped [px].
-    split : bool
-        Split blobs of two touching cells along their neck
-        (:func:`leukoflow.acquisition.segment.split_touching`) before the doublet gate; blobs whose
-        split is ambiguous stay whole and are rejected as ``doublet`` (the reason the split
-        was refused is counted in ``accounting()["splits"]``).
-    split_max_neck_ratio : float
-        Largest cut length / equivalent diameter of the smaller part.
-    split_max_cut_phase_rad : float
-        Largest median phase on the cut [rad] (touching rims vs overlapping cells).
-    clear_border_edges : str
-        Edges that clear touching objects in the segmenter (default none: the tracker and
-        gates handle edge objects so that they are counted).
-    min_area_um, max_area_um : float
-        Area gates [µm²].
-    min_solidity, max_eccentricity : float
-        Doublet gates (shape).
-    max_peaks : int
-        Doublet gate (separated phase maxima).
-    max_amp_std : float
-        Focus gate: relative amplitude std inside the cell.
-    reject_channel_border : bool
-        Reject objects touching the channel walls (top/bottom rows).
-    expected_dx_px : float
-        Expected displacement per frame [phase px]; 0 = from the optics (58.8).
-    gate_x_px, gate_y_px : float
-        Tracker association gates [px].
-    max_missed, max_age_frames, max_open : int
-        Tracker bounds.
-    crop_size, crop_margin : int
-        Crop side and captured margin [px].
-    crop_isolate_px : int
-        Phase farther than this from the cell mask is set to 0 rad in the crop
-        (:attr:`leukoflow.acquisition.crops.CropConfig.isolate_px`).
-    with_amplitude : bool
-        Also publish amplitude crops (not sent on the wire v1; recorded only).
-    truth_match_px : float
-        Margin [px] added to the object's equivalent radius for the ground-truth match.
-    saturated_fraction : float
-        Frames with more saturated pixels than this fraction are rejected.
-    prescreen : bool
-        Skip reconstruction and segmentation of raw frames that hold no object while no
+    reconstruct : OffAxisConfig
+        Off-axis reconstruction (:mod:`leukoflow.acquisition.reconstruct`).
+    segment : SegmentConfig
+        Segmenter name and parameters (:class:`leukoflow.acquisition.segment.SegmentConfig`).
+    split : SplitConfig
+        Splitting blobs of two touching cells along their neck before the doublet gate;
+        blobs whose split is ambiguous stay whole and are rejected as ``doublet`` (why the
+        split was refused is counted in ``accounting()["splits"]``).
+    gates : GateConfig
+        Quality gates (:class:`leukoflow.acquisition.gates.GateConfig`).
+    track : TrackConfig
+        Tracker (:class:`leukoflow.acquisition.track.TrackConfig`); ``expected_dx_px`` = 0
+        (the default here) takes the displacement from the optics (58.8 px).
+    crop : CropConfig
+        Crops (:class:`leukoflow.acquisition.crops.CropConfig`).
+    prescreen : PrescreenConfig
+        Skipping reconstruction and segmentation of raw frames that hold no object while no
         track is open (:mod:`leukoflow.acquisition.prescreen`; needs the background).
-    prescreen_factor : float
-        Prescreen threshold: block variance of (frame − background) over the frame's
-        median block variance.
-    prescreen_audit_every : int
-        Process every n-th skipped frame in full anyway and count misses (0 = never).
     pixel_um : float
         Phase-grid pixel size measured by reference-bead QC [µm]
         (:mod:`leukoflow.acquisition.qc`); 0 = nominal (optics). Features, gates and the
         tracker use it, and crops are resampled to the nominal pixel the models expect
         (:func:`leukoflow.acquisition.qc.scale.rescale_crop`).
+    truth_match_px : float
+        Margin [px] added to the object's equivalent radius for the ground-truth match.
+    saturated_fraction : float
+        Frames with more saturated pixels than this fraction are rejected.
     """
 
-    recon_mode: str = "fast"
-    recon_backend: str = "numpy"
-    downsample: int = 4
-    segmenter: str = "thresh"
-    threshold_rad: float = 0.25
-    opening_radius: int = 2
-    max_small_px: int = 10
-    split: bool = True
-    split_max_neck_ratio: float = 0.6
-    split_max_cut_phase_rad: float = 0.9
-    clear_border_edges: str = ""
-    min_area_um: float = 7.0
-    max_area_um: float = 320.0
-    min_solidity: float = 0.85
-    max_eccentricity: float = 0.92
-    max_peaks: int = 1
-    max_amp_std: float = 0.06
-    reject_channel_border: bool = True
-    expected_dx_px: float = 0.0
-    gate_x_px: float = 18.0
-    gate_y_px: float = 6.0
-    max_missed: int = 3
-    max_age_frames: int = 64
-    max_open: int = 256
-    crop_size: int = DEFAULT_OPTICS.crop_size
-    crop_margin: int = 8
-    crop_isolate_px: int = 6
-    with_amplitude: bool = False
+    reconstruct: OffAxisConfig = field(default_factory=OffAxisConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    track: TrackConfig = field(default_factory=lambda: TrackConfig(expected_dx_px=0.0))
+    crop: CropConfig = field(default_factory=CropConfig)
+    prescreen: PrescreenConfig = field(default_factory=PrescreenConfig)
+    pixel_um: float = 0.0
     truth_match_px: float = 8.0
     saturated_fraction: float = 0.05
-    prescreen: bool = True
-    prescreen_factor: float = 4.0
-    prescreen_audit_every: int = 64
-    pixel_um: float = 0.0
+
+    #: Fields the pipeline derives (dotted path -> from what); refused as settings and left
+    #: out of the pipeline identifier (the values used are in :attr:`AcquisitionPipeline.params`).
+    DERIVED: ClassVar[dict[str, str]] = {
+        "crop.pixel_um": "pixel_um (else the optics' phase-grid pixel)",
+        "crop.wavelength_um": "the optics' wavelength",
+        "crop.medium_index": "the optics' medium index",
+        "track.frame_width": "the optics' frame width / reconstruct.downsample",
+        "split.min_part_px": "gates.min_area_um on the phase grid",
+        "reconstruct.camera_pixel_um": "the optics' camera pixel",
+    }
 
     def to_dict(self) -> dict:
-        """Plain dict (for metadata)."""
+        """Plain (nested) dict (for metadata)."""
         return asdict(self)
 
 
@@ -263,40 +222,29 @@ class AcquisitionPipeline:
         self.config = c = config or PipelineConfig()
         self.optics = optics
         #: pixel the crops are delivered at (the models' training scale)
-        self.nominal_pixel_um = optics.camera_pixel_um * c.downsample
+        ds = c.reconstruct.downsample
+        self.nominal_pixel_um = optics.camera_pixel_um * ds
         #: pixel of the phase grid: measured by QC when given, else nominal
         self.pixel_um = c.pixel_um if c.pixel_um > 0 else self.nominal_pixel_um
-        self.phase_shape = (optics.roi_shape[0] // c.downsample,
-                            optics.roi_shape[1] // c.downsample)
-        dx = c.expected_dx_px or (optics.flow_speed_um_s / optics.frame_rate_hz / self.pixel_um)
-        self.segmenter: Segmenter = SEGMENTERS.create(
-            c.segmenter, threshold=c.threshold_rad, opening_radius=c.opening_radius,
-            max_small_px=c.max_small_px, clear_border_edges=c.clear_border_edges)
-        self.split_config = SplitConfig(
-            enabled=c.split, max_neck_ratio=c.split_max_neck_ratio,
-            max_cut_phase_rad=c.split_max_cut_phase_rad,
-            min_part_px=int(np.ceil(c.min_area_um / self.pixel_um**2)))
-        if c.split:
+        self.phase_shape = (optics.roi_shape[0] // ds, optics.roi_shape[1] // ds)
+        dx = c.track.expected_dx_px or (
+            optics.flow_speed_um_s / optics.frame_rate_hz / self.pixel_um)
+        # the stages get their own configs, with the fields PipelineConfig.DERIVED names set
+        self.segmenter: Segmenter = c.segment.create()
+        self.split_config = replace(
+            c.split, min_part_px=int(np.ceil(c.gates.min_area_um / self.pixel_um**2)))
+        if c.split.enabled:
             import skimage.segmentation  # noqa: F401  (once here, not in the first doublet frame)
-        self.gates = QualityGates(GateConfig(
-            min_area_um=c.min_area_um, max_area_um=c.max_area_um,
-            reject_channel_border=c.reject_channel_border, min_solidity=c.min_solidity,
-            max_peaks=c.max_peaks, max_eccentricity=c.max_eccentricity,
-            max_amp_std=c.max_amp_std))
-        self.tracker = Tracker(TrackConfig(
-            expected_dx_px=dx, gate_x_px=c.gate_x_px, gate_y_px=c.gate_y_px,
-            max_missed=c.max_missed, max_age_frames=c.max_age_frames, max_open=c.max_open,
-            frame_width=self.phase_shape[1]))
-        self.crops = CropExtractor(CropConfig(
-            size=c.crop_size, margin=c.crop_margin, with_amplitude=c.with_amplitude,
-            pixel_um=self.pixel_um, wavelength_um=optics.wavelength_um,
-            isolate_px=c.crop_isolate_px))
+        self.gates = QualityGates(c.gates)
+        self.tracker = Tracker(replace(c.track, expected_dx_px=dx,
+                                       frame_width=self.phase_shape[1]))
+        self.crops = CropExtractor(replace(
+            c.crop, pixel_um=self.pixel_um, wavelength_um=optics.wavelength_um,
+            medium_index=optics.medium_index))
         self.validator = FrameValidator(shape=tuple(optics.roi_shape),
                                         saturated_fraction=c.saturated_fraction,
                                         max_value=float(2**optics.bit_depth - 1))
-        self.prescreen_config = PrescreenConfig(
-            enabled=c.prescreen, factor=c.prescreen_factor,
-            audit_every=c.prescreen_audit_every)
+        self.prescreen_config = c.prescreen
         self.prescreen: EmptyFramePrescreen | None = None
         self.reconstructor = reconstructor
         if self.reconstructor is None and background is not None:
@@ -314,9 +262,10 @@ class AcquisitionPipeline:
     # ------------------------------------------------------------------ setup
     def _make_reconstructor(self, background: Any) -> Any:
 
-        c = self.config
-        return Reconstructor(OffAxisConfig(mode=c.recon_mode, downsample=c.downsample,
-                                           backend=c.recon_backend), background=background)
+        rc = self.config.reconstruct
+        if rc.camera_pixel_um is None:  # derived: the optics' camera pixel (metadata)
+            rc = replace(rc, camera_pixel_um=self.optics.camera_pixel_um)
+        return Reconstructor(rc, background=background)
 
     def set_background(self, background: Any) -> None:
         """(Re)calibrate the reconstruction with a new background hologram."""

@@ -27,6 +27,7 @@ from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig
 from leukoflow.acquisition.sim import SimConfig
 from leukoflow.acquisition.sim.dataset import FEATURE_NAMES, crop_features, resolve_kinds
 from leukoflow.acquisition.sources import create_source
+from leukoflow.core.config import build
 from leukoflow.core.physics import CROP_SIZE_PX
 from leukoflow.core.vocabulary import CLASS_NAMES, OOD_KINDS
 
@@ -68,10 +69,10 @@ def _run_part(args: tuple) -> dict[str, Any]:
                    .generate_state(1)[0])
     src = create_source("sim", seed=sub_seed, config=cfg)
     src.open()
-    pc = PipelineConfig(**pipe_kwargs) if pipe_kwargs else PipelineConfig()
+    pc = build(PipelineConfig, pipe_kwargs) if pipe_kwargs else PipelineConfig()
     pipe = AcquisitionPipeline(pc, background=src.background)
-    if pipe.config.crop_size != crop:
-        raise ValueError(f"pipeline crop size {pipe.config.crop_size} != requested {crop}")
+    if pipe.config.crop.size != crop:
+        raise ValueError(f"pipeline crop size {pipe.config.crop.size} != requested {crop}")
     need = {k: quota[k] for k in kinds}
     got: dict[str, list] = {k: [] for k in kinds}
     max_frames = MAX_FRAMES_PER_CELL * max(1, sum(need.values()))
@@ -178,7 +179,8 @@ def make_pipeline_dataset(n_per_class: int, ood_per_kind: int = 0, seed: int = 0
     concentration : float
         Objects per field of view of the generating flow.
     pipeline : dict, optional
-        :class:`leukoflow.acquisition.pipeline.PipelineConfig` keyword overrides.
+        :class:`leukoflow.acquisition.pipeline.PipelineConfig` overrides (dotted names such as
+        ``"gates.max_amp_std"`` or nested mappings: :func:`leukoflow.core.config.build`).
 
     Returns
     -------

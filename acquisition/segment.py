@@ -408,6 +408,54 @@ class ThresholdSegmenter(Segmenter):
         return Segmentation(labels, n)
 
 
+@dataclass(frozen=True)
+class SegmentConfig:
+    """The segmenter of the acquisition pipeline: its registry name and every parameter.
+
+    The parameters are those of the ``thresh`` segmenter (:class:`ThresholdSegmenter`,
+    same names and defaults); :meth:`create` passes all of them to the plugin, so none is
+    kept by hand. A segmenter with other parameters brings its own config dataclass.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (:data:`SEGMENTERS`).
+    threshold : float
+        Phase threshold [rad].
+    polarity : {"above", "below"}
+        Foreground above (phase) or below (brightfield) the threshold.
+    offset : {"none", "median"}
+        Residual background offset removed before thresholding.
+    clear_border_edges : str
+        Edges that clear touching objects (default none: the tracker and gates handle edge
+        objects so that they are counted).
+    fill_holes : bool
+        Fill holes.
+    opening_radius : int
+        Opening disk radius [phase px].
+    max_small_px : int
+        Objects of at most this many pixels are dropped [px].
+    """
+
+    name: str = "thresh"
+    threshold: float = 0.25
+    polarity: str = "above"
+    offset: str = "none"
+    clear_border_edges: str = ""
+    fill_holes: bool = True
+    opening_radius: int = 2
+    max_small_px: int = 10
+
+    def create(self) -> Segmenter:
+        """The configured segmenter."""
+        params = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        return SEGMENTERS.create(self.name, **params)
+
+    def to_dict(self) -> dict:
+        """Plain dict (for metadata)."""
+        return dataclasses.asdict(self)
+
+
 def dcnum_thresh_segmenter(thresh: float = -6.0) -> ThresholdSegmenter:
     """The dcnum default brightfield segmenter ``thresh:t=-6:cle=1^f=1^clo=2``.
 

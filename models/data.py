@@ -241,9 +241,9 @@ def _sim_splits(a: dict[str, Any], b: dict[str, Any], seed: int,
 
 
 #: Quality gates opened for the OOD objects of ``simflow`` (every kind reaches the model).
-OPEN_GATES: dict[str, Any] = {"min_area_um": 0.5, "max_area_um": 1.0e4, "min_solidity": 0.0,
-                              "max_eccentricity": 1.0, "max_peaks": 10**6,
-                              "max_amp_std": 1.0e9}
+OPEN_GATES: dict[str, Any] = {"gates": {"min_area_um": 0.5, "max_area_um": 1.0e4,
+                                        "min_solidity": 0.0, "max_eccentricity": 1.0,
+                                        "max_peaks": 10**6, "max_amp_std": 1.0e9}}
 
 
 def _pipeline_data(n_per_class: int, ood_per_kind: int, seed: int) -> dict[str, Any]:

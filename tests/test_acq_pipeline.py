@@ -17,6 +17,7 @@ from leukoflow.acquisition.sim import SimConfig
 from leukoflow.acquisition.sim.flow import CellTruth
 from leukoflow.acquisition.sources import create_source
 from leukoflow.acquisition.sources.base import RawFrame
+from leukoflow.core.config import build
 from leukoflow.core.physics import PIXEL_UM
 
 
@@ -78,9 +79,10 @@ def test_bad_frames_are_rejected_and_counted_pipeline_keeps_going():
 def test_params_record_every_stage():
     src = create_source("sim", seed=5, n_frames=1)
     src.open()
-    pipe = AcquisitionPipeline(PipelineConfig(threshold_rad=0.3), background=src.background)
+    pipe = AcquisitionPipeline(build(PipelineConfig, {"segment.threshold": 0.3}),
+                               background=src.background)
     p = pipe.params
-    assert p["pipeline"]["threshold_rad"] == 0.3
+    assert p["pipeline"]["segment"]["threshold"] == 0.3
     assert p["segmenter"].startswith("thresh:")
     assert p["reconstruct"]["sideband"] is not None
     assert p["pixel_um"] == pytest.approx(0.34)

@@ -28,6 +28,7 @@ from leukoflow.acquisition.sim import SimConfig
 from leukoflow.acquisition.sources import EndOfStream, FrameClock, StallMonitor, create_source
 from leukoflow.acquisition.sources.sim import SimSource
 from leukoflow.core import transport
+from leukoflow.core.config import build
 
 
 def test_frame_clock_keeps_the_newest_frames_of_its_ring_buffer():
@@ -203,7 +204,8 @@ def test_prescreen_skips_empty_frames_and_loses_no_cell():
     src.open()
     frames = [src.read() for _ in range(600)]
     on = AcquisitionPipeline(background=src.background)
-    off = AcquisitionPipeline(PipelineConfig(prescreen=False), background=src.background)
+    off = AcquisitionPipeline(build(PipelineConfig, {"prescreen.enabled": False}),
+                              background=src.background)
     s_on, c_on = _run(on, frames, src)
     s_off, c_off = _run(off, frames, src)
     empty = sum(1 for f in frames if not f.truth)
@@ -225,7 +227,8 @@ def test_prescreen_audit_counts_objects_in_skipped_frames():
     cells; the audit processes some of them in full and counts the misses."""
     src = create_source("sim", seed=7, config=SimConfig(seed=7, concentration=1.5))
     src.open()
-    pipe = AcquisitionPipeline(PipelineConfig(prescreen_factor=1e9, prescreen_audit_every=2),
+    pipe = AcquisitionPipeline(build(PipelineConfig, {"prescreen": {"factor": 1e9,
+                                                                    "audit_every": 2}}),
                                background=src.background)
     for _ in range(200):
         pipe.process(src.read())

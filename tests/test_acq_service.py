@@ -157,13 +157,13 @@ def test_config_layers_and_cli_errors():
 
 
     env = {"LEUKOFLOW_ACQUIRE_FRAMES": "12", "LEUKOFLOW_ACQUIRE_SOURCE": "file:/x.rtdc",
-           "LEUKOFLOW_ACQUIRE_PIPELINE_THRESHOLD_RAD": "0.4"}
+           "LEUKOFLOW_ACQUIRE_PIPELINE_SEGMENT_THRESHOLD": "0.4"}
     cfg = resolve("acquire", AcquireConfig, {"source": "sim"}, toml={}, env=env)
     assert cfg.frames == 12 and cfg.source == "sim"  # flag beats env
     assert cfg.crops_endpoint == "tcp://127.0.0.1:5555" and cfg.metrics_port == 9101
     pcfg = resolve("acquire_pipeline", PipelineConfig, {}, toml={"acquire_pipeline": {
-        "max_missed": 2}}, env=env)
-    assert pcfg.threshold_rad == 0.4 and pcfg.max_missed == 2
+        "track": {"max_missed": 2}}}, env=env)
+    assert pcfg.segment.threshold == 0.4 and pcfg.track.max_missed == 2
     res = CliRunner().invoke(app, [
         "acquire", "--source", "webcam", "--metrics-port", "0",
         "--crops-endpoint", f"tcp://127.0.0.1:{free_port()}",

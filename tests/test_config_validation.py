@@ -61,12 +61,13 @@ def test_good_settings_globals_and_other_sections_pass() -> None:
     env = {"LEUKOFLOW_INFER_MAX_DELAY_MS": "0", "LEUKOFLOW_INFER_MAX_BATCH": "64",
            "LEUKOFLOW_LOG_LEVEL": "INFO", "LEUKOFLOW_KEYS": "/x", "LEUKOFLOW_SIM_CACHE": "/y",
            "LEUKOFLOW_CONFIG": "", "LEUKOFLOW_COLLECTOR_NOT_A_FIELD_OF_INFER": "1",
-           "LEUKOFLOW_ACQUIRE_PIPELINE_THRESHOLD_RAD": "0.3", "PATH": "/bin"}
+           "LEUKOFLOW_ACQUIRE_PIPELINE_SEGMENT_THRESHOLD": "0.3", "PATH": "/bin"}
     cfg = resolve("infer", InferConfig, toml={}, env=env)
     assert cfg.max_delay_ms == 0.0 and cfg.max_batch == 64
     # the acquire section does not claim acquire_pipeline's variables as its own
     acq = _cls(CLASSES["acquire"])
-    resolve("acquire", acq, toml={}, env={"LEUKOFLOW_ACQUIRE_PIPELINE_THRESHOLD_RAD": "0.3"})
+    resolve("acquire", acq, toml={},
+            env={"LEUKOFLOW_ACQUIRE_PIPELINE_SEGMENT_THRESHOLD": "0.3"})
     # remote metrics with the opt-in
     cfg = resolve("infer", InferConfig, toml={}, env={
         "LEUKOFLOW_INFER_METRICS_HOST": "0.0.0.0", "LEUKOFLOW_INFER_ALLOW_REMOTE": "true"})

@@ -28,7 +28,7 @@ ENV_CROP = "LEUKOFLOW_ACQUIRE_PIPELINE_CROP_SIZE"
 
 def test_the_optics_crop_size_is_what_acquisition_and_shipped_model_use():
     assert CROP_SIZE_PX == DEFAULT_OPTICS.crop_size
-    assert PipelineConfig().crop_size == CROP_SIZE_PX == CropConfig().size
+    assert PipelineConfig().crop.size == CROP_SIZE_PX == CropConfig().size
     assert CropConfig().pixel_um == DEFAULT_OPTICS.pixel_um
     assert read_card("lenet5-sim")["input_size"] == CROP_SIZE_PX
 

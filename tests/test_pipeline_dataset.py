@@ -21,7 +21,7 @@ def test_quota_splits_exactly():
 @pytest.fixture(scope="module")
 def small():
     return make_pipeline_dataset(3, 1, seed=5, parts=2, ood_kinds=["erythrocyte", "digit"],
-                                 pipeline={"max_amp_std": 1e9})
+                                 pipeline={"gates.max_amp_std": 1e9})
 
 
 def test_pipeline_dataset_labels_come_from_traced_truth(small):
@@ -44,7 +44,7 @@ def test_pipeline_dataset_labels_come_from_traced_truth(small):
 
 def test_pipeline_dataset_same_for_any_worker_count(small):
     again = make_pipeline_dataset(3, 1, seed=5, parts=2, ood_kinds=["erythrocyte", "digit"],
-                                  pipeline={"max_amp_std": 1e9}, workers=2)
+                                  pipeline={"gates.max_amp_std": 1e9}, workers=2)
     np.testing.assert_array_equal(again["x"], small["x"])
     assert again["kind"] == small["kind"]
 

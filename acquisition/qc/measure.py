@@ -31,6 +31,7 @@ from leukoflow.acquisition.pipeline import AcquisitionPipeline, PipelineConfig
 from leukoflow.acquisition.qc.sphere import fit_sphere_phase
 from leukoflow.acquisition.sim.optics import angular_spectrum
 from leukoflow.acquisition.sources import EndOfStream
+from leukoflow.core.config import build
 from leukoflow.core.physics import ALPHA_UM3_PER_PG, DEFAULT_OPTICS, Optics
 
 SECTION = "qc"
@@ -251,7 +252,8 @@ def run_qc(source: Any, cfg: QCConfig | None = None, pipeline_overrides: dict | 
     cfg : QCConfig
         Procedure and tolerances.
     pipeline_overrides : dict, optional
-        :class:`~leukoflow.acquisition.pipeline.PipelineConfig` overrides; QC always runs at
+        :class:`~leukoflow.acquisition.pipeline.PipelineConfig` overrides (dotted names such
+        as ``"segment.threshold"``, :func:`leukoflow.core.config.build`); QC always runs at
         the nominal scale, keeps the amplitude crop and does not isolate the crop.
 
     Returns
@@ -262,9 +264,9 @@ def run_qc(source: Any, cfg: QCConfig | None = None, pipeline_overrides: dict | 
     """
     cfg = cfg or QCConfig()
     # the focus gate is open: the QC measures (and judges) the focus itself
-    kw = {"max_amp_std": 1.0, **(pipeline_overrides or {}), "with_amplitude": True,
-          "crop_isolate_px": 0, "pixel_um": 0.0}
-    pipe = AcquisitionPipeline(PipelineConfig(**kw), optics=optics)
+    kw = {"gates.max_amp_std": 1.0, **(pipeline_overrides or {}), "crop.with_amplitude": True,
+          "crop.isolate_px": 0, "pixel_um": 0.0}
+    pipe = AcquisitionPipeline(build(PipelineConfig, kw), optics=optics)
     source.open()
     try:
         bg = source.background

@@ -2,7 +2,8 @@
 
 Its options are generated from :class:`leukoflow.acquisition.service.AcquireConfig`
 (section ``[acquire]``, ``LEUKOFLOW_ACQUIRE_*``); the segmentation/crop pipeline is
-configured by ``[acquire_pipeline]`` (:class:`leukoflow.acquisition.pipeline.PipelineConfig`).
+configured by ``[acquire_pipeline]`` and its stage tables ``[acquire_pipeline.crop]``, ...
+(:class:`leukoflow.acquisition.pipeline.PipelineConfig`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,14 @@ sources on top::
 * Environment: ``LEUKOFLOW_INFER_MAX_BATCH=128`` (section and key upper-cased).
 * CLI: a mapping of flag values; ``None`` means "not given".
 
+A field whose type is itself a dataclass is a *nested section*: a config composed of the
+stages' own dataclasses (``PipelineConfig.crop: CropConfig``) is set with the TOML table
+``[acquire_pipeline.crop]``, the variable ``LEUKOFLOW_ACQUIRE_PIPELINE_CROP_SIZE`` and the
+CLI key ``"crop.size"`` (or a nested mapping). Fields a composed config derives from other
+settings are named in its ``DERIVED`` class attribute (``{"crop.pixel_um": "why"}``) and
+refused as settings. :func:`build` makes a config from such a mapping alone (no TOML, no
+environment), with the same checks.
+
 Nonsense is refused with a :class:`ConfigError` naming the setting:
 
 * an unknown key in a TOML table, an unknown ``LEUKOFLOW_<SECTION>_<KEY>`` of the section
@@ -155,39 +163,235 @@ def resolve(
     section : str
         TOML table and environment-variable infix (``LEUKOFLOW_<SECTION>_<KEY>``).
     cls : dataclass type
-        Declares the parameters and their defaults.
+        Declares the parameters and their defaults; fields typed with a dataclass are
+        nested sections (TOML ``[section.field]``, ``LEUKOFLOW_<SECTION>_<FIELD>_<KEY>``).
     cli : mapping, optional
-        CLI flag values; ``None`` entries are ignored.
+        CLI flag values; ``None`` entries are ignored, and so are names that are no setting
+        (flags of the command itself). Nested settings as ``"crop.size"`` or nested mappings.
     toml, env : mapping, optional
         Override the TOML document and environment (tests).
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    check_sections(cls)
+    derived = _derived(cls)
     values: dict[str, Any] = {}
     doc = load_toml() if toml is None else toml
     table = doc.get(section, {}) if isinstance(doc, Mapping) else {}
-    unknown = set(table) - fields
-    if unknown:
-        raise ConfigError(f"unknown keys in [{section}]: {', '.join(sorted(unknown))}")
-    values.update(table)
+    _merge_table(values, table, cls, section, derived)
     env = os.environ if env is None else env
     check_environment(env, extra_sections=(section,))
     prefix = f"{ENV_PREFIX}{section.upper()}_"
     for key, raw in env.items():
         if key.startswith(prefix) and _section_of(key, (section,)) == section:
             name = key[len(prefix):].lower()
-            if name not in fields:
-                raise ConfigError(f"unknown setting {key}{_suggest(name, fields, prefix)}")
-            values[name] = raw
-    for name, val in (cli or {}).items():
-        if val is not None and name in fields:
-            values[name] = val
-    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
-    cfg = cls(**kwargs)
+            path = _env_path(cls, name)
+            if path is None:
+                raise ConfigError(f"unknown setting {key}"
+                                  f"{_suggest(name, _flat_names(cls), prefix)}")
+            _refuse_derived(path, derived, section, key)
+            _put(values, path, raw)
+    for name, val in _cli_items(cli or {}):
+        if val is None or _field_path(cls, name) is None:
+            continue
+        _refuse_derived(name, derived, section, name)
+        _put(values, name, val)
+    cfg = _construct(cls, values, section)
     validate(cfg, section)
     return cfg
+
+
+def build(cls: type[T], values: Mapping[str, Any] | None = None, section: str = "") -> T:
+    """``cls`` from its defaults and ``values`` only (no TOML, no environment).
+
+    ``values`` may name nested settings as ``"gates.max_amp_std"`` or as nested mappings;
+    unknown names, derived fields and values outside their range are refused
+    (:class:`ConfigError`), as in :func:`resolve`.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    derived = _derived(cls)
+    merged: dict[str, Any] = {}
+    for name, val in _cli_items(values or {}):
+        if _field_path(cls, name) is None:
+            where = f"{section}." if section else ""
+            raise ConfigError(f"unknown setting {where}{name}"
+                              f"{_suggest(name, _dotted_names(cls))}")
+        _refuse_derived(name, derived, section, name)
+        _put(merged, name, val)
+    cfg = _construct(cls, merged, section)
+    validate(cfg, section)
+    return cfg
+
+
+def _nested(cls: Any) -> dict[str, type]:
+    """Fields of ``cls`` that are nested sections: name -> dataclass type."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if f.init and isinstance(hints[f.name], type)
+            and dataclasses.is_dataclass(hints[f.name])}
+
+
+def _derived(cls: Any) -> Mapping[str, str]:
+    """``{dotted path: reason}`` of the fields ``cls`` derives itself (not settings)."""
+    return getattr(cls, "DERIVED", {}) or {}
+
+
+def _refuse_derived(path: str | tuple[str, ...], derived: Mapping[str, str], section: str,
+                    given: str) -> None:
+    dotted = path if isinstance(path, str) else ".".join(path)
+    if dotted in derived:
+        where = f"{section}." if section else ""
+        raise ConfigError(f"{given}: {where}{dotted} is not a setting, it is derived from "
+                          f"{derived[dotted]}")
+
+
+def _dotted_names(cls: Any, prefix: str = "") -> list[str]:
+    """Every setting of ``cls`` as a dotted path (nested sections expanded)."""
+    nested = _nested(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in nested:
+            out += _dotted_names(nested[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _flat_names(cls: Any) -> list[str]:
+    """Every setting of ``cls`` as its environment-variable suffix (``crop_size``)."""
+    return [n.replace(".", "_") for n in _dotted_names(cls)]
+
+
+def _env_path(cls: Any, name: str) -> tuple[str, ...] | None:
+    """``crop_size`` -> ``("crop", "size")``: the setting a variable suffix names, or None.
+
+    A nested section's name is matched first (longest first); :func:`check_sections` makes
+    sure no two settings share a suffix.
+    """
+    nested = _nested(cls)
+    for sub in sorted(nested, key=len, reverse=True):
+        if name.startswith(sub + "_"):
+            rest = _env_path(nested[sub], name[len(sub) + 1:])
+            if rest is not None:
+                return (sub, *rest)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    return (name,) if name in fields and name not in nested else None
+
+
+def _field_path(cls: Any, dotted: str) -> tuple[str, ...] | None:
+    """``"crop.size"`` -> ``("crop", "size")`` when that is a setting (or section) of ``cls``."""
+    parts = tuple(dotted.split("."))
+    c = cls
+    for i, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(c) if f.init}
+        if part not in fields:
+            return None
+        nested = _nested(c)
+        if i < len(parts) - 1:
+            if part not in nested:
+                return None
+            c = nested[part]
+    return parts
+
+
+def check_sections(cls: Any) -> None:
+    """Refuse a config whose settings cannot all be named by an environment variable.
+
+    Raises
+    ------
+    TypeError
+        When two settings map to the same ``LEUKOFLOW_<SECTION>_<SUFFIX>`` (e.g. a field
+        ``crop_size`` beside a nested section ``crop`` with a field ``size``).
+    """
+    seen: dict[str, str] = {}
+    for dotted in _dotted_names(cls):
+        flat = dotted.replace(".", "_")
+        if flat in seen:
+            raise TypeError(f"{cls.__name__}: {seen[flat]} and {dotted} share the environment "
+                            f"name {flat.upper()}")
+        seen[flat] = dotted
+        if _env_path(cls, flat) != tuple(dotted.split(".")):
+            raise TypeError(f"{cls.__name__}: the environment name {flat.upper()} does not "
+                            f"reach {dotted}")
+
+
+def _cli_items(cli: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Flatten nested mappings of CLI/override values to dotted names."""
+    out: list[tuple[str, Any]] = []
+    for k, v in cli.items():
+        if isinstance(v, Mapping) and not isinstance(v, str):
+            out += _cli_items(v, f"{prefix}{k}.")
+        else:
+            out.append((prefix + str(k), v))
+    return out
+
+
+def _put(values: dict[str, Any], path: str | tuple[str, ...], val: Any) -> None:
+    parts = path.split(".") if isinstance(path, str) else list(path)
+    d = values
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{'.'.join(parts)}: {p} is a section, not a value")
+    d[parts[-1]] = val
+
+
+def _merge_table(values: dict[str, Any], table: Any, cls: Any, where: str,
+                 derived: Mapping[str, str], prefix: str = "") -> None:
+    """TOML table ``[where]`` of ``cls`` into ``values`` (unknown keys refused)."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[{where}] must be a table")
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    nested = _nested(cls)
+    unknown = set(table) - fields
+    if unknown:
+        raise ConfigError(f"unknown keys in [{where}]: {', '.join(sorted(unknown))}"
+                          f"{_suggest(sorted(unknown)[0], fields)}")
+    for key, val in table.items():
+        if key in nested:
+            if not isinstance(val, Mapping):
+                raise ConfigError(f"[{where}] {key} is a section: set its keys in "
+                                  f"[{where}.{key}]")
+            _merge_table(values.setdefault(key, {}), val, nested[key], f"{where}.{key}",
+                         derived, f"{prefix}{key}.")
+        else:
+            _refuse_derived(prefix + key, derived, "", f"[{where}] {key}")
+            values[key] = val
+
+
+def _construct(cls: Any, values: Mapping[str, Any], section: str, base: Any = None) -> Any:
+    """``cls`` (or ``base`` with replaced fields) from coerced, possibly nested ``values``."""
+    hints = typing.get_type_hints(cls)
+    nested = _nested(cls)
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        where = f"{section}.{k}" if section else k
+        if k in nested:
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{where} is a section, not a value")
+            kwargs[k] = _construct(nested[k], v, where, _default_of(cls, k))
+        else:
+            kwargs[k] = _coerce(v, hints[k], where)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a stage's own __post_init__ checks
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{section or cls.__name__}: {exc}") from exc
+
+
+def _default_of(cls: Any, name: str) -> Any:
+    """The default value of field ``name`` of ``cls`` (calling its default factory)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
 
 
 def _section_of(key: str, extra: tuple[str, ...] = ()) -> str | None:
@@ -262,7 +466,11 @@ def validate(cfg: Any, section: str = "") -> None:
     """
     where = f"{section}." if section else ""
     for f in dataclasses.fields(cfg):
-        _check_number(getattr(cfg, f.name), f"{where}{f.name}", _range_of(f))
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value, f"{where}{f.name}")  # a nested section
+            continue
+        _check_number(value, f"{where}{f.name}", _range_of(f))
     host = getattr(cfg, "metrics_host", None)
     if isinstance(host, str) and host and not _is_loopback(host) and not getattr(
             cfg, "allow_remote", False):

@@ -96,7 +96,7 @@ def check_crop_size(crop_px: int, model_px: int, model: str = "the model") -> No
     Parameters
     ----------
     crop_px : int
-        Side of the crops the acquisition cuts [px] (``[acquire_pipeline] crop_size``).
+        Side of the crops the acquisition cuts [px] (``[acquire_pipeline.crop] size``).
     model_px : int
         Side of the model's input [px] (its card's ``input_size``).
     model : str
@@ -110,7 +110,7 @@ def check_crop_size(crop_px: int, model_px: int, model: str = "the model") -> No
     if int(crop_px) != int(model_px):
         raise CropSizeError(
             f"the acquisition cuts {int(crop_px)} px crops but {model} takes {int(model_px)} px:"
-            f" every cell would be rejected as 'shape'. Set [acquire_pipeline] crop_size ="
+            f" every cell would be rejected as 'shape'. Set [acquire_pipeline.crop] size ="
             f" {int(model_px)} (LEUKOFLOW_ACQUIRE_PIPELINE_CROP_SIZE) or use a model trained on"
             f" {int(crop_px)} px crops.")
 

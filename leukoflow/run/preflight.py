@@ -44,7 +44,7 @@ def check_model_crop_size(source: str, model: str = "") -> dict[str, Any]:
     """
     if source.startswith("replay:"):
         return {}
-    crop = resolve(PIPELINE_SECTION, PipelineConfig, {}).crop_size
+    crop = resolve(PIPELINE_SECTION, PipelineConfig, {}).crop.size
     name = resolve(INFER_SECTION, InferConfig, {"model": model or None}).model
     size = int(read_card(name)["input_size"])
     check_crop_size(crop, size, f"model {name!r}")
