@@ -46,7 +46,7 @@ def _part(args: tuple) -> dict[str, Any]:
     cells += pipe.flush(frames).cells
     cells = cells[:n]
     m = len(cells)
-    x = np.zeros((m, pipe.config.crop_size, pipe.config.crop_size), crop_dtype)
+    x = np.zeros((m, pipe.config.crop.size, pipe.config.crop.size), crop_dtype)
     feat = {k: np.full(m, np.nan) for k in FEATURE_NAMES}
     for i, c in enumerate(cells):
         x[i] = c.crop.phase
