@@ -35,6 +35,13 @@ from leukoflow.acquisition.segment import (
 )
 from leukoflow.acquisition.sources.base import FrameValidator, RawFrame
 from leukoflow.acquisition.track import FinishedTrack, TrackConfig, Tracker
+from leukoflow.core.config import (
+    PIPELINE_GENERATION,
+    PipelineId,
+    parse_pipeline_id,
+    pipeline_hash,
+    pipeline_id,
+)
 from leukoflow.core.physics import DEFAULT_OPTICS, Optics
 from leukoflow.core.vocabulary import CLASS_NAMES
 
@@ -115,6 +122,36 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         """Plain (nested) dict (for metadata)."""
         return asdict(self)
+
+
+def identity(config: PipelineConfig, optics: Optics = DEFAULT_OPTICS, *, model: str = "",
+             model_sha: str = "") -> dict[str, Any]:
+    """Identifier, hash and generation of a pipeline (recorded with runs and recordings).
+
+    Parameters
+    ----------
+    config : PipelineConfig
+        The acquisition pipeline's parameters.
+    optics : leukoflow.core.physics.Optics
+        The instrument geometry it runs with (section ``optics`` of the identifier).
+    model, model_sha : str
+        The model that classifies its crops and the sha256 of its tensors ('' = none).
+
+    Returns
+    -------
+    dict
+        ``id`` (:func:`leukoflow.core.config.pipeline_id`, parseable with
+        :func:`parse_identity`), ``hash`` (16 hex digits), ``generation``
+        (:data:`leukoflow.core.config.PIPELINE_GENERATION`), ``model``, ``model_sha``.
+    """
+    text = pipeline_id(config, model=model, model_sha=model_sha, extra={"optics": optics})
+    return {"id": text, "hash": pipeline_hash(text), "generation": PIPELINE_GENERATION,
+            "model": model, "model_sha": model_sha}
+
+
+def parse_identity(text: str) -> PipelineId:
+    """The :class:`PipelineConfig`, optics and model an :func:`identity` ``id`` encodes."""
+    return parse_pipeline_id(text, PipelineConfig, {"optics": Optics})
 
 
 @dataclass
@@ -298,6 +335,7 @@ class AcquisitionPipeline:
             "prescreen": (self.prescreen.params if self.prescreen is not None
                           else {**self.prescreen_config.to_dict(), "enabled": False}),
             "optics": self.optics.to_dict(),
+            "identity": identity(self.config, self.optics),
         }
         if self.reconstructor is not None:
             try:

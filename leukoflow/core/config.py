@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
 import os
@@ -43,6 +44,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote
 
 T = TypeVar("T")
 
@@ -482,3 +484,251 @@ def validate(cfg: Any, section: str = "") -> None:
 def as_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict of a resolved config (for metadata and ``--json`` output)."""
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- pipeline id
+
+#: Generation of the processing behind a pipeline identifier. Bump it by hand (and say why
+#: in the commit) when code changes what the acquisition pipeline or the model's decisions
+#: produce from the same frames *without* a parameter changing: a new or corrected feature,
+#: another algorithm in a stage, a fixed bug that changes numbers. Identifiers and hashes of
+#: different generations never match, so recordings made before and after such a change are
+#: never taken for the same pipeline. Parameter changes need no bump (they are in the id).
+#: History: 1 = first identified pipeline (#13: nested PipelineConfig, TIE focus distance).
+PIPELINE_GENERATION: int = 1
+#: First field of every pipeline identifier (``leukoflow:<generation>``).
+PIPELINE_ID_PREFIX = "leukoflow"
+#: Section of the identifier holding the top-level (non-section) fields of the config.
+ROOT_SECTION = "pipeline"
+#: Section of the identifier naming the model (``model:name=...^sha=...``).
+MODEL_SECTION = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineId:
+    """A parsed pipeline identifier.
+
+    Attributes
+    ----------
+    text : str
+        The identifier itself (:func:`pipeline_id`).
+    generation : int
+        :data:`PIPELINE_GENERATION` when it was made.
+    config : object
+        The configuration it encodes (an instance of the class given to
+        :func:`parse_pipeline_id`; derived fields at their defaults).
+    model : str
+        Model name ('' = none).
+    model_sha : str
+        sha256 of the model's tensors ('' = none).
+    extra : dict
+        Further sections (e.g. ``optics``) as instances of the classes given.
+    """
+
+    text: str
+    generation: int
+    config: Any
+    model: str = ""
+    model_sha: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        """:func:`pipeline_hash` of :attr:`text`."""
+        return pipeline_hash(self.text)
+
+
+def _enc(v: Any) -> str:
+    """One value of the canonical form (reserved ``|^:=,%`` and spaces %-escaped)."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)  # shortest text that reads back to the same float
+    if isinstance(v, str):
+        return quote(v, safe="")
+    if isinstance(v, tuple | list):
+        return ",".join(_enc(x) for x in v)
+    raise TypeError(f"no canonical form for {type(v).__name__} values ({v!r})")
+
+
+def _dec(text: str, typ: Any, name: str) -> Any:
+    """Inverse of :func:`_enc` for a field annotated ``typ``."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or origin is types.UnionType:
+        if text == "":
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        origin = typing.get_origin(typ)
+    if origin in (tuple, list):
+        inner = typing.get_args(typ)
+        parts = text.split(",") if text else []
+        if origin is tuple and inner and inner[-1] is not Ellipsis:
+            if len(parts) != len(inner):
+                raise ConfigError(f"{name}: {len(inner)} values expected, got {text!r}")
+            return tuple(_dec(p, t, name) for p, t in zip(parts, inner, strict=True))
+        it = inner[0] if inner else str
+        return origin(_dec(p, it, name) for p in parts)
+    if typ is str:
+        return unquote(text)
+    return _coerce(text, typ, name)
+
+
+def _sections(cfg: Any, root: str = ROOT_SECTION, path: str = "",
+              derived: Mapping[str, str] | None = None) -> list[tuple[str, list[str]]]:
+    """``[(section, ["key=value", ...]), ...]``: scalars first, then nested sections."""
+    derived = _derived(type(cfg)) if derived is None else derived
+    own: list[str] = []
+    subs: list[tuple[str, list[str]]] = []
+    for f in dataclasses.fields(cfg):
+        if not f.init or f"{path}{f.name}" in derived:
+            continue
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            subs += _sections(v, f"{path}{f.name}", f"{path}{f.name}.", derived)
+        else:
+            own.append(f"{f.name}={_enc(v)}")
+    return ([(root, own)] if own else []) + subs
+
+
+def pipeline_id(cfg: Any, *, model: str = "", model_sha: str = "",
+                extra: Mapping[str, Any] | None = None,
+                generation: int = PIPELINE_GENERATION) -> str:
+    """The canonical, parseable identifier of a pipeline configuration.
+
+    ``leukoflow:<generation>|pipeline:<top-level fields>|<section>:<k>=<v>^<k>=<v>|...|
+    <extra sections>|model:name=<name>^sha=<sha>``: every field of ``cfg`` in declaration
+    order (nested sections by their dotted path, fields named in the config's ``DERIVED``
+    left out), values in a canonical text (floats as their shortest exact repr, booleans
+    1/0, None empty, strings %-escaped). Equal configurations give equal identifiers;
+    :func:`parse_pipeline_id` turns one back into the configuration, and
+    :func:`pipeline_hash` is its short hash.
+
+    Parameters
+    ----------
+    cfg : dataclass instance
+        The configuration (e.g. :class:`leukoflow.acquisition.pipeline.PipelineConfig`).
+    model, model_sha : str
+        Model name and the sha256 of its tensors ('' = no model).
+    extra : mapping, optional
+        Further dataclass sections by name (e.g. ``{"optics": Optics(...)}``).
+    generation : int
+        :data:`PIPELINE_GENERATION` (other values for tests only).
+    """
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"{cfg!r} is not a dataclass instance")
+    sections = _sections(cfg)
+    names = {s for s, _ in sections}
+    for name, value in (extra or {}).items():
+        if name in names or name == MODEL_SECTION or "." in name:
+            raise ValueError(f"extra section name {name!r} is taken")
+        sections += _sections(value, name, derived={})
+    sections.append((MODEL_SECTION, [f"name={_enc(model)}", f"sha={_enc(model_sha)}"]))
+    body = "|".join(f"{s}:{'^'.join(kv)}" for s, kv in sections)
+    return f"{PIPELINE_ID_PREFIX}:{int(generation)}|{body}"
+
+
+def pipeline_hash(text_or_cfg: Any, **kwargs: Any) -> str:
+    """Short hash of a pipeline: the first 16 hex digits of the sha256 of its identifier.
+
+    Parameters
+    ----------
+    text_or_cfg : str or dataclass instance
+        An identifier (:func:`pipeline_id`), or a configuration (then ``kwargs`` go to
+        :func:`pipeline_id`).
+    """
+    text = text_or_cfg if isinstance(text_or_cfg, str) else pipeline_id(text_or_cfg, **kwargs)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def parse_pipeline_id(text: str, cls: type[T],
+                      extra: Mapping[str, type] | None = None) -> PipelineId:
+    """Turn a :func:`pipeline_id` back into the configuration it was made from.
+
+    Parameters
+    ----------
+    text : str
+        The identifier.
+    cls : dataclass type
+        The configuration class (fields added since the identifier was made take their
+        defaults; unknown sections or keys are refused).
+    extra : mapping, optional
+        Classes of the extra sections (``{"optics": Optics}``).
+
+    Raises
+    ------
+    ConfigError
+        For text that is not an identifier of ``cls``, or values its checks refuse.
+    """
+    head, _, body = text.partition("|")
+    prefix, _, gen = head.partition(":")
+    if prefix != PIPELINE_ID_PREFIX or not gen.isdigit():
+        raise ConfigError(f"not a pipeline identifier (expected '{PIPELINE_ID_PREFIX}:<n>|"
+                          f"...'): {text[:60]!r}")
+    extra = dict(extra or {})
+    own: dict[str, dict[str, Any]] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    model = {"name": "", "sha": ""}
+    for part in body.split("|") if body else []:
+        section, sep, kv = part.partition(":")
+        if not sep:
+            raise ConfigError(f"pipeline identifier: section without ':' ({part[:40]!r})")
+        pairs = dict(p.split("=", 1) for p in kv.split("^") if p) if kv else {}
+        if any("=" not in p for p in kv.split("^") if p):
+            raise ConfigError(f"pipeline identifier: [{section}] has an entry without '='")
+        if section == MODEL_SECTION:
+            unknown = set(pairs) - set(model)
+            if unknown:
+                raise ConfigError(f"pipeline identifier: unknown keys in [model]: {unknown}")
+            model.update({k: unquote(v) for k, v in pairs.items()})
+        elif section.split(".")[0] in extra:
+            extras.setdefault(section, {}).update(pairs)
+        else:
+            own[section] = pairs
+    config = _from_sections(cls, own, ROOT_SECTION, "")
+    ext = {name: _from_sections(c, {k: v for k, v in extras.items()
+                                    if k == name or k.startswith(name + ".")}, name, name + ".")
+           for name, c in extra.items() if any(k.split(".")[0] == name for k in extras)}
+    return PipelineId(text=text, generation=int(gen), config=config, model=model["name"],
+                      model_sha=model["sha"], extra=ext)
+
+
+def _from_sections(cls: Any, sections: Mapping[str, Mapping[str, str]], root: str,
+                   path: str) -> Any:
+    """Rebuild ``cls`` from ``{section: {key: text}}`` (see :func:`_sections`)."""
+    values: dict[str, Any] = {}
+    known = {root} | {f"{path}{d}" for d in _dotted_sections(cls)}
+    unknown = set(sections) - known
+    if unknown:
+        raise ConfigError(f"pipeline identifier: unknown sections {sorted(unknown)} for "
+                          f"{cls.__name__}")
+    for section, pairs in sections.items():
+        sub = cls if section == root else _section_class(cls, section[len(path):])
+        hints = typing.get_type_hints(sub)
+        fields = {f.name for f in dataclasses.fields(sub) if f.init}
+        for key, raw in pairs.items():
+            if key not in fields or key in _nested(sub):
+                raise ConfigError(f"pipeline identifier: unknown key {key!r} in [{section}]")
+            rel = key if section == root else f"{section[len(path):]}.{key}"
+            _put(values, rel, _dec(raw, hints[key], f"{section}.{key}"))
+    cfg = _construct(cls, values, root)
+    validate(cfg, root)
+    return cfg
+
+
+def _dotted_sections(cls: Any, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for name, sub in _nested(cls).items():
+        out.append(prefix + name)
+        out += _dotted_sections(sub, f"{prefix}{name}.")
+    return out
+
+
+def _section_class(cls: Any, dotted: str) -> Any:
+    c = cls
+    for part in dotted.split("."):
+        c = _nested(c)[part]
+    return c
