@@ -125,7 +125,9 @@ def test_sigkill_of_leukoflow_run_leaves_no_child_and_no_port(tmp_path) -> None:
         assert wait_for(lambda: all(_ready(p) for p in metrics), 300), "services never came up"
         children = _children_of(sup.pid)
         assert len(children) >= 3, children  # collector, infer-0, source
-        assert not any(_port_free(p) for p in zmq_ports + metrics)
+        # every port in use (a service binds its ZeroMQ port after its health server)
+        assert wait_for(lambda: not any(_port_free(p) for p in zmq_ports + metrics), 120), \
+            {p: _port_free(p) for p in zmq_ports + metrics}
         assert (tmp_path / "run" / "keys" / "server.key_secret").exists()  # Curve on TCP
         sup.kill()
         sup.wait(10)
