@@ -91,14 +91,8 @@ METRIC_NAMES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "leukoflow_differential_probabilistic_cells": ("gauge", "Sum of calibrated probabilities per class", ("class",), "collector"),
     "leukoflow_recorder_events_total": ("counter", "Events written to the recording", (), "collector"),
     "leukoflow_child_restarts_total": ("counter", "Supervised child restarts", ("child",), "collector"),
-}
-
-
-def make_metric(registry: Any, name: str, **kwargs: Any) -> Any:
-    """Create the metric family ``name`` of :data:`METRIC_NAMES` in ``registry``.
-
-    The ``_total`` suffix is handled as prometheus_client expects (it appends it itself).
-    Histograms get the matching bucket constants unless ``buckets`` is given.
+    "leukoflow_run_cells_in_flight": ("gauge", "Cells published and not yet classified, rejected, dropped or lost", (), "collector"),
+    "leukoflow_run_cells_lost": ("gauge", "Cells of crop messages that never came back, by stage and reason (per-source completeness; a late arrival takes its cells back)", ("stage", "reason"), "collector"),
     # drift and QC (collector; leukoflow.run.drift_watch)
     "leukoflow_drift_alarm": ("gauge", "1 once instrument/sample drift was detected in this run", (), "collector"),
     "leukoflow_drift_enabled": ("gauge", "1 when the run is monitored for drift", (), "collector"),
@@ -107,6 +101,14 @@ def make_metric(registry: Any, name: str, **kwargs: Any) -> Any:
     "leukoflow_differential_valid": ("gauge", "1 while the differential is valid (no drift detected)", (), "collector"),
     "leukoflow_qc_status": ("gauge", "QC state of the run: 1 pass, 0 off, -1 none, -2 expired, -3 failed", (), "collector"),
     "leukoflow_qc_magnification": ("gauge", "Magnification relative to nominal measured by the QC in use", (), "collector"),
+}
+
+
+def make_metric(registry: Any, name: str, **kwargs: Any) -> Any:
+    """Create the metric family ``name`` of :data:`METRIC_NAMES` in ``registry``.
+
+    The ``_total`` suffix is handled as prometheus_client expects (it appends it itself).
+    Histograms get the matching bucket constants unless ``buckets`` is given.
     """
     import prometheus_client as pc
 
