@@ -12,6 +12,8 @@ writes one artifact per cell into ``<run_dir>/explanations/``.
 
 Every received cell is accounted for: explained, dropped (``backlog_full``, ``error``,
 ``shutdown``) or part of a rejected message (``leukoflow_messages_rejected_total{reason}``).
+Each message is handled inside its own error boundary: one that fails is rejected with reason
+``handler_error`` (its cell ids logged), the service goes on.
 """
 
 from __future__ import annotations
@@ -379,7 +381,13 @@ class ExplainService:
                 if not transport.authorize(frames, msg.header):  # CurveZMQ role check
                     self._reject("unauthorized")
                     continue
-                self._handle(msg)
+                try:
+                    self._handle(msg)
+                except Exception as exc:  # noqa: BLE001 - one message never ends the service
+                    ids = msg.header.get("ids") if msg.kind == "explain" else None
+                    log.exception("handling %s from %s failed (cells %s): %s", msg.kind,
+                                  msg.sender, ids, exc)
+                    self._reject("handler_error")
 
     def _handle(self, msg: Any) -> None:
 

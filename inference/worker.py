@@ -13,15 +13,27 @@ are then forwarded verbatim to the collector (results precede them on the same s
 cumulative totals as ``control``/``accounting`` messages (``stats.event = "totals"``) after
 each eos and at stop, and as ``heartbeat`` stats every ``heartbeat_s``. Cells rejected by the
 worker (undecodable message with a readable cell list, wrong crop size, non-finite crop,
-backend failure) are reported individually as ``control``/``accounting`` messages with
-``stats = {"event": "rejected", "reason": ..., "cells": n, "ids": [...], "run": ...}``.
+non-finite model output, backend failure, a failure of the worker's own handling) are
+reported individually as ``control``/``accounting`` messages with ``stats = {"event":
+"rejected", "reason": ..., "cells": n, "ids": [...], "run": ...}`` plus the crop message they
+came from (``src_sender``, ``src_seq``, ``src_n``, ``src_cum``).
+
+Nothing that decodes can end the worker: each message is handled inside its own error
+boundary (a failure rejects that message's cells with reason ``handler_error``), and so is
+the decision step of each batch (an exception there rejects the batch's cells). A cell whose
+model output is not finite (e.g. a finite but extreme crop that overflows the network) is
+rejected on its own (``non_finite_output``); the other cells of its message are delivered.
+Results are validated before they are sent. At a graceful stop the worker delivers every
+result it counted: the results socket closes with a linger (``results_linger_ms``).
 
 Timestamps added to each results message's ``t`` (monotonic ns): ``infer_recv`` (message
 received), ``infer_batch`` (its batch formed), ``infer_done`` (batch outputs on the host),
-``infer_send``. Results also carry ``src_sender``/``src_seq`` (the crop message they came
-from): with several workers behind one PUSH each worker sees only part of acquisition's
-sequence numbers, so its own gap count is meaningful for a single worker only and the
-collector checks completeness across workers from these fields.
+``infer_send``. Results also carry ``src_sender``/``src_seq``/``src_n``/``src_cum`` (the
+crop message they came from, its number of cells and the cells its source published before
+it): with several workers behind one PUSH each worker sees only part of acquisition's
+sequence numbers, so its own gap count is meaningful for a single worker only, and the
+collector checks completeness per source across workers from these fields
+(:mod:`leukoflow.run.ledger`).
 
 Metrics/health on ``metrics_host:metrics_port`` (``/metrics``, ``/healthz``, ``/readyz``
 (200 once the model is loaded and warmed up), ``/status`` (differential and accounting)).
@@ -33,6 +45,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +123,9 @@ class InferConfig:
     results_timeout_ms : int
         A results message that cannot be queued within this time is dropped and its cells
         are counted as rejected (reason ``results_backpressure``) [ms].
+    results_linger_ms : int
+        At stop, results already queued (and counted) get this long to reach the collector
+        before the socket closes [ms].
     explain_sample_rate : float
         Fraction of confident cells also sent to the explainer.
     explain_seed : int
@@ -141,6 +157,7 @@ class InferConfig:
     explain_hwm: int = 8
     explain_sndbuf_bytes: int = 262144
     results_timeout_ms: int = 1000
+    results_linger_ms: int = bounded(5000, 0, 600_000)
     explain_sample_rate: float = 0.01
     explain_seed: int = 0
     metrics_host: str = transport.LOOPBACK
@@ -164,6 +181,11 @@ class _MsgCtx:
     @property
     def run(self) -> str:
         return self.msg.header["run"]
+
+    @property
+    def src(self) -> dict[str, Any]:
+        """The crop message's identity for the collector's completeness check."""
+        return _src_fields(self.msg.header)
 
 
 @dataclass
@@ -209,6 +231,10 @@ class InferWorker:
         self._inflight: list[_InFlight] = []
         self._last_run = ""
         self._size_warned: set[int] = set()
+        self._msg_cells = "new"
+        #: per-cell rejections not yet reported (collector unreachable), sent with the
+        #: next heartbeat that gets through (bounded; the totals carry the counts anyway)
+        self._deferred: deque[tuple[str, str, list[int], dict | None]] = deque(maxlen=4096)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> InferWorker:
@@ -343,7 +369,7 @@ class InferWorker:
                 self._loop()
                 self._drain_socket()
                 self._drain()
-                self._send_totals()
+                self._send_totals(final=True)
             finally:
                 self._close()
                 self.finished.set()
@@ -412,6 +438,32 @@ class InferWorker:
         except wire.WireError as exc:
             self._reject_undecodable(frames, exc.reason)
             return
+        self._msg_cells = "new"  # -> "received" (counted in) -> "owned" (in the batcher)
+        try:
+            self._dispatch(msg, frames, t_recv)
+        except Exception as exc:  # noqa: BLE001 - one message never ends the worker
+            self._handler_failed(msg, exc)
+
+    def _handler_failed(self, msg: wire.Message, exc: BaseException) -> None:
+        """Error boundary of one message: its cells (unless the batcher already owns them)
+        are rejected with reason ``handler_error``; the worker goes on."""
+        log.exception("handling %s %s/%s failed: %s", msg.kind, msg.header.get("sender"),
+                      msg.header.get("seq"), exc)
+        try:
+            if self._msg_cells == "owned":  # the batcher delivers them; count the message
+                self.accounting.rejected_messages["handler_error"] += 1
+                self.metrics.reject("handler_error", 0, message=True)
+                return
+            ids = np.asarray(msg.ids, dtype=np.int64) if msg.kind == "crops" else \
+                np.zeros(0, np.int64)
+            if ids.size and self._msg_cells == "new":
+                self.accounting.receive(int(ids.size))
+            self._reject_cells("handler_error", msg.header.get("run", ""), ids, message=True,
+                               src=_src_fields(msg.header) if ids.size else None)
+        except Exception:  # noqa: BLE001
+            log.exception("could not count the failed message")
+
+    def _dispatch(self, msg: wire.Message, frames: list[Any], t_recv: int) -> None:
         h = msg.header
         if h["run"]:
             self._last_run = h["run"]
@@ -433,7 +485,6 @@ class InferWorker:
         h = msg.header
         x = msg.array
         n = x.shape[0]
-        self.accounting.receive(n)
         ids = np.asarray(h["ids"], dtype=np.int64)
         s = self._backend.input_size
         if x.shape[1:] != (s, s):
@@ -443,7 +494,9 @@ class InferWorker:
                     check_crop_size(x.shape[1], s, f"model {self.model_name!r}")
                 except CropSizeError as exc:
                     log.error("%s (from %s)", exc, h["sender"])
-            self._reject_cells("shape", h["run"], ids, message=True)
+            self.accounting.receive(n)
+            self._msg_cells = "received"
+            self._reject_cells("shape", h["run"], ids, message=True, src=_src_fields(h))
             return
         self.metrics["leukoflow_inference_request_success_total"].inc()
         t = h["t"]
@@ -453,7 +506,11 @@ class InferWorker:
         for k in DRIFT_FEATURE_NAMES:  # acquisition features forwarded for drift detection
             if k in feat:
                 extra[f"feat:{k}"] = np.asarray(feat[k], dtype=np.float64)
-        self.batcher.put(x, _MsgCtx(msg, t_recv, ids, t0, extra), now=t_recv * 1e-9)
+        ctx = _MsgCtx(msg, t_recv, ids, t0, extra)
+        self.accounting.receive(n)
+        self._msg_cells = "received"
+        self.batcher.put(x, ctx, now=t_recv * 1e-9)
+        self._msg_cells = "owned"  # from here on the batcher delivers these cells
 
     def _control(self, msg: wire.Message, frames: list[Any]) -> None:
         cmd = msg.header["cmd"]
@@ -511,10 +568,15 @@ class InferWorker:
             return
         self.backend_gate.success()
         t_done = time.monotonic_ns()
-        with np.errstate(all="ignore"):
-            dec = self.rule(out.logits, out.features, out.ood_score)
-            pen = self.pen_proj(out.features) if self.pen_proj is not None else None
-        ok = out.finite
+        try:  # the decision step: an exception rejects this batch, never ends the worker
+            with np.errstate(all="ignore"):
+                dec = self.rule(out.logits, out.features, out.ood_score)
+                pen = self.pen_proj(out.features) if self.pen_proj is not None else None
+            ok, _ = _usable(out.finite, dec, out.features, batch.n)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("decision step failed: %s", exc)
+            self._reject_batch(batch, "handler_error")
+            return
         m = self.metrics
         m.batch(batch.n, (t_done - job.t_batch) * 1e-9)
         good = np.flatnonzero(ok)
@@ -524,7 +586,17 @@ class InferWorker:
         row = 0
         t_first = min(seg.ctx.t_recv for seg in batch.segments)
         for seg in batch.segments:
-            if not self._send_segment(seg, dec, ok, row, job.t_batch, t_done, pen):
+            try:
+                sent = self._send_segment(seg, dec, ok, row, job.t_batch, t_done, pen,
+                                          out.finite)
+            except Exception as exc:  # noqa: BLE001 - this segment's cells are rejected
+                log.exception("results of %s/%s failed: %s", seg.ctx.msg.sender,
+                              seg.ctx.msg.seq, exc)
+                sel = np.flatnonzero(ok[row:row + seg.n])
+                self._reject_cells("handler_error", seg.ctx.run,
+                                   seg.ctx.ids[seg.start + sel], src=seg.ctx.src)
+                sent = False
+            if not sent:
                 delivered[row:row + seg.n] = False
             row += seg.n
         # outcomes of the cells whose results reached the collector's socket
@@ -538,17 +610,26 @@ class InferWorker:
             (time.monotonic_ns() - t_first) * 1e-9)
 
     def _send_segment(self, seg: Any, dec: Decisions, ok: np.ndarray, row: int, t_batch: int,
-                      t_done: int, pen: np.ndarray | None = None) -> bool:
-        """Results of one message segment; False if they could not be queued (the finite
-        cells are then rejected as ``results_backpressure``). ``pen``: the batch's
-        penultimate-layer projections (drift detection), sent in the ``feat`` map."""
+                      t_done: int, pen: np.ndarray | None = None,
+                      finite_in: np.ndarray | None = None) -> bool:
+        """Results of one message segment; False if they could not be queued (the usable
+        cells are then rejected as ``results_backpressure``). ``ok``: usable cells (finite
+        crop and finite outputs); ``finite_in``: finite crops (unusable cells with a
+        non-finite crop are rejected as ``non_finite``, the others as
+        ``non_finite_output``). ``pen``: the batch's penultimate-layer projections (drift
+        detection), sent in the ``feat`` map."""
 
         ctx: _MsgCtx = seg.ctx
         sl = slice(row, row + seg.n)
         okl = ok[sl]
         local = np.arange(seg.start, seg.stop)
         if not okl.all():
-            self._reject_cells("non_finite", ctx.run, ctx.ids[local[~okl]])
+            fin = np.zeros_like(okl) if finite_in is None else np.asarray(finite_in)[sl]
+            bad_in = ~okl & ~fin
+            bad_out = ~okl & fin
+            for reason, mask in (("non_finite", bad_in), ("non_finite_output", bad_out)):
+                if mask.any():
+                    self._reject_cells(reason, ctx.run, ctx.ids[local[mask]], src=ctx.src)
         keep = np.flatnonzero(okl)
         if keep.size == 0:
             return True
@@ -558,7 +639,7 @@ class InferWorker:
         t = dict(h["t"])
         t.update(infer_recv=ctx.t_recv, infer_batch=t_batch, infer_done=t_done)
         fields: dict[str, Any] = {
-            "frame": h["frame"], "src_sender": h["sender"], "src_seq": h["seq"],
+            "frame": h["frame"], **ctx.src,
             "ids": ctx.ids[cells].tolist(),
             "pred": d.pred.tolist(), "decision": d.names(),
             "conf": d.conf.astype(float).tolist(),
@@ -589,9 +670,11 @@ class InferWorker:
         else:
             observe_many(m["leukoflow_e2e_latency_seconds"],
                          np.array([(t_send - ctx.t0) * 1e-9]), w)
-        if not self._send_results_frames(wire.encode(msg, validate=False)):
+        frames = wire.encode(msg)  # validated: never send what the collector would reject
+        if not self._send_results_frames(frames):
             # not delivered: these cells end as rejected, never silently lost
-            self._reject_cells("results_backpressure", ctx.run, ctx.ids[cells], report=False)
+            self._reject_cells("results_backpressure", ctx.run, ctx.ids[cells], report=False,
+                               src=ctx.src)
             return False
         return True
 
@@ -627,36 +710,41 @@ class InferWorker:
     def _reject_batch(self, batch: Batch, reason: str) -> None:
         for seg in batch.segments:
             ids = seg.ctx.ids[seg.start:seg.stop]
-            self._reject_cells(reason, seg.ctx.run, ids)
+            self._reject_cells(reason, seg.ctx.run, ids, src=seg.ctx.src)
 
     def _reject_cells(self, reason: str, run: str, ids: np.ndarray,
-                      message: bool = False, report: bool = True) -> None:
+                      message: bool = False, report: bool = True,
+                      src: dict[str, Any] | None = None) -> None:
         n = int(ids.size)
         self.accounting.reject(reason, n)
         if message:
             self.accounting.rejected_messages[reason] += 1
         self.metrics.reject(reason, n, message=message)
         self.differential.reject(reason, n)
-        if report:  # (not when the collector is unreachable anyway)
-            self._report_rejected(reason, run, ids.tolist())
+        if report:
+            self._report_rejected(reason, run, ids.tolist(), src)
+        elif len(self._deferred) < self._deferred.maxlen:  # the collector is unreachable
+            self._deferred.append((reason, run, ids.tolist(), src))  # now: report it later
 
     def _reject_undecodable(self, frames: list[Any], reason: str) -> None:
         """Count an undecodable message; report its cells if the header lists them."""
-        run, ids = _peek_cells(frames)
+        run, ids, src = _peek_cells(frames)
         self.accounting.reject_message(reason, len(ids))
         self.metrics.reject(reason, len(ids), message=True)
         if ids:
             self.differential.reject(reason, len(ids))
-            self._report_rejected(reason, run, ids)
+            self._report_rejected(reason, run, ids, src)
 
-    def _report_rejected(self, reason: str, run: str, ids: list[int]) -> None:
+    def _report_rejected(self, reason: str, run: str, ids: list[int],
+                         src: dict[str, Any] | None = None) -> bool:
+        """Send one per-cell rejection event; False when it could not be queued."""
         if not ids:
-            return
+            return True
         stats = {"event": "rejected", "reason": reason, "cells": len(ids), "ids": ids[:4000],
-                 "run": run}
+                 "run": run, **(src or {})}
         msg = self.sender.message("control", run=run or self._last_run, cmd="accounting",
                                   stats=stats)
-        self._send_results_frames(wire.encode(msg))
+        return self._send_results_frames(wire.encode(msg))
 
     # -- sending ---------------------------------------------------------------------------
     def _send_results_frames(self, frames: list[Any]) -> bool:
@@ -668,22 +756,29 @@ class InferWorker:
             return False
         return True
 
-    def _totals_msg(self, kind: str) -> wire.Message:
-        stats = {"event": "totals", **self.accounting.stats(self.batcher.pending),
+    def _totals_msg(self, kind: str, final: bool = False) -> wire.Message:
+        stats = {"event": "totals", "final": final,
+                 **self.accounting.stats(self.batcher.pending),
                  "explain_routed": dict(self.router.routed),
                  "explain_dropped": self.router.dropped}
         if kind == "control":
             return control_message(self.sender, "accounting", stats, run=self._last_run)
         return heartbeat_message(self.sender, stats, run=self._last_run)
 
-    def _send_totals(self) -> None:
+    def _send_totals(self, final: bool = False) -> None:
+        """Cumulative totals; ``final`` at a graceful stop (the collector then knows this
+        worker left on purpose, not by dying)."""
         if self.sender is not None and hasattr(self, "results"):
-            self._send_results_frames(wire.encode(self._totals_msg("control")))
+            self._send_results_frames(wire.encode(self._totals_msg("control", final)))
 
     def _heartbeat(self) -> None:
         # same (bounded) blocking send as results: a heartbeat is never dropped on its own,
         # so the collector sees this sender's sequence numbers without holes
-        self._send_results_frames(wire.encode(self._totals_msg("heartbeat")))
+        if self._send_results_frames(wire.encode(self._totals_msg("heartbeat"))):
+            while self._deferred:  # rejections the collector could not be told of earlier
+                if not self._report_rejected(*self._deferred[0]):
+                    break
+                self._deferred.popleft()
 
     def _close(self) -> None:
         if self.health is not None:
@@ -692,7 +787,8 @@ class InferWorker:
         for name in ("crops", "results", "explain"):
             sock = getattr(self, name, None)
             if sock is not None:
-                sock.close(0)
+                # results already counted as delivered get their linger to leave
+                sock.close(self.config.results_linger_ms if name == "results" else 0)
         if self._ctx_given is None and getattr(self, "_ctx", None) is not None:
             self._ctx.term()
         if self._backend is not None:
@@ -713,23 +809,56 @@ def _limit_blas_threads(n: int) -> None:
 
 
 
-def _peek_cells(frames: list[Any]) -> tuple[str, list[int]]:
-    """Best effort: run id and cell ids from a header that failed validation."""
+def _src_fields(h: dict[str, Any]) -> dict[str, Any]:
+    """``src_*`` fields naming a (validated) crop message: sender, sequence number, number
+    of cells and, when the source sends it, the cells it published before (``cum``)."""
+    out = {"src_sender": h["sender"], "src_seq": h["seq"], "src_n": len(h["ids"])}
+    if "cum" in h:
+        out["src_cum"] = h["cum"]
+    return out
+
+
+def _usable(finite_in: np.ndarray, dec: Decisions, features: np.ndarray,
+            n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ok, out_ok)`` per cell: ``out_ok`` where probabilities, confidence and features are
+    finite (a finite but extreme crop can still overflow the network), ``ok`` where in
+    addition the crop was finite. Raises when the decision step returned the wrong number of
+    cells."""
+    probs = np.asarray(dec.probs)
+    if probs.shape[0] != n or np.shape(dec.conf) != (n,) or np.shape(finite_in) != (n,):
+        raise ValueError(f"decision step returned {probs.shape[0]} rows for {n} cells")
+    out_ok = np.isfinite(probs).all(axis=1) & np.isfinite(dec.conf)
+    feats = np.asarray(features)
+    if feats.ndim == 2 and feats.shape[0] == n:
+        out_ok &= np.isfinite(feats).all(axis=1)
+    return np.asarray(finite_in, dtype=bool) & out_ok, out_ok
+
+
+def _peek_cells(frames: list[Any]) -> tuple[str, list[int], dict[str, Any] | None]:
+    """Best effort: run id, cell ids and source fields from a header that failed
+    validation."""
     try:
         if len(frames) < 1:
-            return "", []
+            return "", [], None
         buf = frames[0].buffer if hasattr(frames[0], "buffer") else frames[0]
         if len(buf) > wire.MAX_HEADER_BYTES:
-            return "", []
+            return "", [], None
         h = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True,
                             ext_hook=wire._ext_hook)
         if not isinstance(h, dict) or h.get("kind") != "crops":
-            return "", []
+            return "", [], None
         ids = h.get("ids")
         if not isinstance(ids, list) or len(ids) > wire.MAX_CELLS:
-            return "", []
-        ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+            return "", [], None
+        ids = [i for i in ids if type(i) is int and 0 <= i < 2**63]
         run = h.get("run") if isinstance(h.get("run"), str) else ""
-        return run[: wire.MAX_STR], ids
+        src = None
+        sender, seq, cum = h.get("sender"), h.get("seq"), h.get("cum")
+        if (isinstance(sender, str) and len(sender) <= wire.MAX_STR and type(seq) is int
+                and 0 <= seq < 2**63 and ids and len(ids) == len(h["ids"])):
+            src = {"src_sender": sender, "src_seq": seq, "src_n": len(ids)}
+            if type(cum) is int and 0 <= cum < 2**63:
+                src["src_cum"] = cum
+        return run[: wire.MAX_STR], ids, src
     except Exception:  # noqa: BLE001 - anything unreadable has no countable cells
-        return "", []
+        return "", [], None

@@ -97,8 +97,11 @@ def test_flood_is_bounded_counted_and_service_keeps_serving(service, tmp_path):
     assert float(line.split()[-1]) == st["dropped_backlog"]
     assert 'leukoflow_explanations_total{method="lime"}' in metrics
     assert "leukoflow_explainer_latency_seconds_count" in metrics
-    assert 'leukoflow_messages_rejected_total{reason="header_type"}' in metrics or \
-        "leukoflow_messages_rejected_total{" in metrics
+    # the malformed header {"v": 9} is rejected for its schema version, exactly once
+    rejected = {ln.split("{", 1)[1].split("}")[0]: float(ln.split()[-1])
+                for ln in metrics.splitlines()
+                if ln.startswith("leukoflow_messages_rejected_total{")}
+    assert rejected == {'reason="version"': 1.0}, rejected
     # the artifact reads back with its decision, probabilities and maps
     doc, maps = read_cell_artifact(out / f"{late}.json")
     assert doc["decision"] == "uncertain" and doc["pred_class"] == "eosinophil"
