@@ -78,7 +78,8 @@ def test_runstate_balances_and_ignores_duplicates() -> None:
     assert acc["duplicates"] == 40
     assert acc["in_flight"] == 5 and not acc["balanced"]
     final = st.accounting(final=True)
-    assert final["dropped"] == {"lost": 5} and final["balanced"]
+    assert final["lost"] == {"pipeline:unattributed": 5} and final["balanced"]
+    assert final["dropped"] == {} and final["lost_total"] == 5
     assert final["counted"] + final["uncertain"] + final["ood"] == 40
     assert final["ood"] == int((labels == -1).sum())
     # results for another class order are rejected, not counted
@@ -142,7 +143,8 @@ def test_collector_end_to_end_with_standins(tmp_path, record: bool) -> None:
     assert acc["emitted"] == 600
     assert acc["balanced"], acc
     assert acc["rejected"] == {"infer:non_finite": 10 * len(rejected_msgs)}
-    assert acc["dropped"] == {"lost": 10 * len(dropped_msgs)}
+    # the stand-ins carry no source sequence fields: the loss is only known at the end
+    assert acc["lost"] == {"pipeline:unattributed": 10 * len(dropped_msgs)}
     assert acc["duplicates"] > 0
     assert acc["counted"] + acc["uncertain"] + acc["ood"] == 600 - 10 * (
         len(dropped_msgs) + len(rejected_msgs))

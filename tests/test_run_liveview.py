@@ -63,6 +63,20 @@ def test_state_feed_and_render_from_a_live_collector(tmp_path) -> None:
     acq.close()
 
 
+def test_render_names_lost_cells_and_duplicates() -> None:
+    state = {"run": "r", "differential": {"classes": {}},
+             "accounting": {"emitted": 100, "counted": 80, "lost_total": 7,
+                            "lost": {"infer:worker_died": 7}, "duplicates": 2}}
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    console.print(render(state, {}))
+    text = console.file.getvalue()
+    assert "LOST 7 cells (infer:worker_died 7)" in text
+    assert "2 duplicate results (counted once)" in text
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    console.print(render({**state, "accounting": {"emitted": 100, "counted": 100}}, {}))
+    assert "LOST" not in console.file.getvalue()
+
+
 def test_cli_errors_are_clear(tmp_path) -> None:
     runner = CliRunner()
     r = runner.invoke(app, ["record", "--out", str(tmp_path / "x.rtdc")])

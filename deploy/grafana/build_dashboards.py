@@ -371,6 +371,13 @@ def decisions_and_drops() -> dict[str, Any]:
                  "{{stage}} {{reason}}"),
                 ("stage_reason:leukoflow_dropped:rate1m", "all instances {{stage}} {{reason}}"),
             ], unit="cps"),
+            timeseries("Cells lost and in flight (completeness per source)", [
+                (zero_if_absent(f"sum by (stage, reason) ({gauge('leukoflow_run_cells_lost')})"),
+                 "lost {{stage}} {{reason}}"),
+                (f"sum({gauge('leukoflow_run_cells_in_flight')})", "in flight"),
+            ], unit="short", description="Cells of crop messages that never came back, by "
+               "stage and reason (alert LeukoflowCellsLost), and cells published but not yet "
+               "resolved. A late arrival takes its cells off the lost count."),
             timeseries("Cells routed to the explainer", [
                 (zero_if_absent(f"sum by (reason) {rate('leukoflow_explainer_routed_total')}"),
                  "{{reason}}"),

@@ -282,15 +282,24 @@ def lost_section(summary: Mapping[str, Any], sup: Mapping[str, Any],
     body.append(f"<p>Accounting: emitted {acc.get('emitted', 0)} = counted "
                 f"{acc.get('counted', 0)} + uncertain {acc.get('uncertain', 0)} + OOD "
                 f"{acc.get('ood', 0)} + rejected {acc.get('rejected_total', 0)} + dropped "
-                f"{acc.get('dropped_total', 0)} — "
+                f"{acc.get('dropped_total', 0)} + lost {acc.get('lost_total', 0)} — "
                 + ('<span class="ok">balanced</span>' if bal
                    else '<span class="bad">NOT balanced</span>') + "</p>")
+    if acc.get("lost_total"):
+        body.append(f"<p class=\"bad\">{acc['lost_total']} cells never came back from the "
+                    "pipeline (found by the per-source completeness check; stage and reason "
+                    "below).</p>")
     rows = [["rejected", r, n] for r, n in acc.get("rejected", {}).items()]
     rows += [["dropped", r, n] for r, n in acc.get("dropped", {}).items()]
+    rows += [["lost", r, n] for r, n in acc.get("lost", {}).items()]
+    if acc.get("late"):
+        rows.append(["late (counted)", "declared lost, then arrived", acc["late"]])
     rows += [["message rejected at collector", r, n]
              for r, n in acc.get("messages_rejected", {}).items()]
     if acc.get("duplicates"):
         rows.append(["duplicates (counted once)", "same cell id twice", acc["duplicates"]])
+        body.append(f"<p class=\"bad\">{acc['duplicates']} results repeated a cell already "
+                    "counted (the same cell sent twice); each cell was counted once.</p>")
     if summary.get("sequence_gaps"):
         rows.append(["sequence gaps", "messages missing by sequence number",
                      summary["sequence_gaps"]])
@@ -311,7 +320,7 @@ def lost_section(summary: Mapping[str, Any], sup: Mapping[str, Any],
     if summary.get("collector_restarts"):
         body.append(f"<p class=\"bad\">The collector was restarted "
                     f"{summary['collector_restarts']} time(s); cells it had received but not "
-                    f"yet logged when it died are counted as dropped/lost above.</p>")
+                    f"yet logged when it died are counted as lost (collector:restart) above.</p>")
     rec = summary.get("recording") or {}
     if rec:
         segs = rec.get("segments", [])

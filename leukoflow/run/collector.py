@@ -40,6 +40,35 @@ Accounting reports (``control`` with ``cmd`` ``accounting`` or ``eos``) carry cu
 
 Roles are read from the sender id (``role-pid-nonce``, :func:`leukoflow.core.wire.new_sender_id`):
 ``acquire`` and ``replay`` emit cells; any other role reports downstream losses.
+
+**Loss while the run is going.** Results and rejections name the crop message they came
+from (``src_*``); the :class:`leukoflow.run.ledger.Ledger` checks every source's messages for
+completeness and declares a missing one *lost* (stage and reason: ``infer:worker_died``,
+``acquire:source_died``, ``collector:restart``, ...) once a later one came back
+``loss_timeout_s`` ago. The collector learns of failures from the supervisor's restart
+counts, from a new acquisition start of the same run, and from services that fall silent
+(no heartbeat for ``silence_s``) without a final report. ``in_flight`` and ``lost`` are
+exported live (``leukoflow_run_cells_in_flight``, ``leukoflow_run_cells_lost``)::
+
+    emitted = counted + uncertain + ood + rejected + dropped + lost + in_flight
+
+**Identity.** Cell ids carry the acquisition's epoch (:mod:`leukoflow.core.identity`), so a
+restarted acquisition never reuses an id; a cell id seen twice is a true duplicate (the same
+cell sent twice), counted once and reported (``leukoflow_run_cells_total{outcome="duplicate"}``).
+
+**Crash safety.** The cell log and the ledger journal (``ledger.jsonl``: every completeness
+input, failure and loss declaration, and every per-cell rejection event) are written through
+to the operating system as each message is handled (and fsynced every ``flush_interval_s``),
+so a restarted collector rebuilds exactly what its predecessor had handled.
+
+**Error boundary.** Every message that decodes is handled inside its own error boundary: a
+failure rejects that message (``leukoflow_messages_rejected_total{reason="handler_error"}``;
+its cells, when it has any, count as rejected ``collector:handler_error``), never the service.
+
+**Run after run.** With ``runs_root`` set (systemd, compose) the collector keeps serving: each
+run gets its own folder ``<runs_root>/<run id>``, a ``hello`` from an acquisition of a new
+run finishes the current run (its summary) and starts a new run state, and a restarted
+collector resumes the unfinished run named in ``<runs_root>/current.json``.
 """
 
 from __future__ import annotations
@@ -59,12 +88,14 @@ import numpy as np
 
 from leukoflow.core import jsonutil, transport, wire
 from leukoflow.core.config import bounded
+from leukoflow.core.identity import MAX_LOCAL_ID, split_ids
 from leukoflow.core.jsonutil import atomic_write_json
 from leukoflow.core.metrics import ServiceMetrics
 from leukoflow.core.service import ServiceScaffold, heartbeat_message
 from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
 from leukoflow.inference.differential import Differential
 from leukoflow.run.drift_watch import RunWatch
+from leukoflow.run.ledger import Ledger
 from leukoflow.run.recorder import Recorder, repair_rtdc
 
 log = logging.getLogger(__name__)
@@ -90,19 +121,34 @@ CELL_DTYPE = np.dtype([
 # ----------------------------------------------------------------------------- helpers
 
 class IdSet:
-    """Membership of non-negative integer cell ids: a growing bitmap, a set beyond it.
+    """Membership of cell ids: per acquisition epoch (:mod:`leukoflow.core.identity`) a
+    growing bitmap over the epoch's cell numbers, a set for anything else.
 
     Parameters
     ----------
     bitmap_limit : int
-        Ids below this use one byte each in a numpy array (dense, fast); larger ids a set.
+        Cell numbers below this use one byte each in a numpy array (dense, fast, vectorised);
+        larger ones (or negative ids) a set.
     """
 
     def __init__(self, bitmap_limit: int = 1 << 27) -> None:
-        self._bits = np.zeros(1 << 16, dtype=bool)
-        self._limit = int(bitmap_limit)
+        self._maps: dict[int, np.ndarray] = {}
+        self._limit = min(int(bitmap_limit), MAX_LOCAL_ID + 1)
         self._big: set[int] = set()
         self.size = 0
+
+    def _bitmap(self, epoch: int, top: int) -> np.ndarray:
+        bits = self._maps.get(epoch)
+        size = 1 << 16 if bits is None else bits.size
+        while size <= top:
+            size *= 2
+        size = min(size, self._limit)
+        if bits is None or bits.size < size:
+            grown = np.zeros(size, dtype=bool)
+            if bits is not None:
+                grown[: bits.size] = bits
+            bits = self._maps[epoch] = grown
+        return bits
 
     def add_new(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Add ``ids``; return a mask that is True where an id was not seen before.
@@ -110,33 +156,35 @@ class IdSet:
         Repeated ids inside ``ids`` count as new only at their first position.
         """
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-        new = np.ones(arr.size, dtype=bool)
-        small = (arr >= 0) & (arr < self._limit)
-        if small.any():
-            top = int(arr[small].max())
-            if top >= self._bits.size:
-                cap = self._bits.size
-                while cap <= top:
-                    cap *= 2
-                grown = np.zeros(min(cap, self._limit), dtype=bool)
-                grown[: self._bits.size] = self._bits
-                self._bits = grown
-        for i, cid in enumerate(arr.tolist()):
-            if 0 <= cid < self._limit:
-                if self._bits[cid]:
-                    new[i] = False
-                else:
-                    self._bits[cid] = True
-            elif cid in self._big:
-                new[i] = False
-            else:
+        new = np.zeros(arr.size, dtype=bool)
+        if not arr.size:
+            return new
+        first = np.zeros(arr.size, dtype=bool)
+        first[np.unique(arr, return_index=True)[1]] = True
+        epoch, local = split_ids(arr)
+        dense = (arr >= 0) & (local < self._limit)
+        for ep in np.unique(epoch[dense]).tolist():
+            sel = np.flatnonzero(dense & (epoch == ep))
+            loc = local[sel]
+            bits = self._bitmap(int(ep), int(loc.max()))
+            fresh = first[sel] & ~bits[loc]
+            new[sel] = fresh
+            bits[loc[fresh]] = True
+        for i in np.flatnonzero(~dense).tolist():
+            cid = int(arr[i])
+            if first[i] and cid not in self._big:
                 self._big.add(cid)
+                new[i] = True
         self.size += int(new.sum())
         return new
 
     def __contains__(self, cid: int) -> bool:
-        if 0 <= cid < self._limit:
-            return cid < self._bits.size and bool(self._bits[cid])
+        cid = int(cid)
+        if cid >= 0:
+            ep, loc = (int(v[0]) for v in split_ids([cid]))
+            if loc < self._limit:
+                bits = self._maps.get(ep)
+                return bits is not None and loc < bits.size and bool(bits[loc])
         return cid in self._big
 
     def __len__(self) -> int:
@@ -165,9 +213,11 @@ class CellLog:
         self._appended = 0
 
     def append(self, records: np.ndarray) -> None:
-        """Append records (buffered; see :meth:`flush`)."""
+        """Append records, handed to the operating system at once (they survive a kill of
+        the process; :meth:`flush` makes them survive a crash of the machine)."""
         if len(records):
             self._fh.write(np.ascontiguousarray(records, dtype=CELL_DTYPE).tobytes())
+            self._fh.flush()
             self._appended += len(records)
 
     def flush(self) -> None:
@@ -203,6 +253,61 @@ def _role(sender: str) -> str:
     return sender.split("-", 1)[0]
 
 
+class Journal:
+    """Append-only JSON-lines file, each line handed to the operating system at once
+    (:meth:`flush` fsyncs). A kill leaves at most one torn last line, which
+    :func:`read_journal` skips."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115 (line buffered: each line)
+        self.lines = 0
+
+    def write(self, line: Mapping[str, Any]) -> None:
+        """Append one line."""
+        self._fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.lines += 1
+
+    def flush(self) -> None:
+        """``fsync`` (the lines survive a crash of the machine)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """Flush and close."""
+        if not self._fh.closed:
+            self.flush()
+            self._fh.close()
+
+
+def read_journal(path: str | Path) -> list[dict[str, Any]]:
+    """Every whole line of a journal (a torn or unreadable line is skipped)."""
+    p = Path(path)
+    out: list[dict[str, Any]] = []
+    if not p.exists():
+        return out
+    with open(p, "rb") as fh:
+        for raw in fh:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(line, dict):
+                out.append(line)
+    return out
+
+
+def _src(h: Mapping[str, Any]) -> tuple[str, int, int, int] | None:
+    """``(sender, seq, n, cum)`` of the crop message a result/rejection came from."""
+    try:
+        src = (str(h["src_sender"]), int(h["src_seq"]), int(h["src_n"]), int(h["src_cum"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return src if src[1] >= 0 and src[2] > 0 and src[3] >= 0 else None
+
+
 def _merge_counts(dst: Counter, src: Any) -> None:
     if isinstance(src, Mapping):
         for reason, n in src.items():
@@ -223,16 +328,35 @@ class RunState:
         Run id (results of another run are rejected).
     latency_window : int
         Cells kept for the live latency percentiles.
+    loss_timeout_s : float
+        A missing crop message is declared lost this long after a later one of its source
+        came back (:class:`leukoflow.run.ledger.Ledger`) [s].
+    silence_s : float
+        A worker or acquisition not heard for this long, without a final report, is taken
+        for dead (loss attribution) [s].
+    journal : callable, optional
+        Called with one JSON-ready dict per completeness input, failure, loss declaration and
+        per-cell event (the collector's ``ledger.jsonl``; :meth:`replay` takes them back).
     """
 
     def __init__(self, classes: Sequence[str] = CLASS_NAMES, run_id: str = "",
-                 latency_window: int = 5000) -> None:
+                 latency_window: int = 5000, loss_timeout_s: float = 10.0,
+                 silence_s: float = 5.0, journal: Any = None) -> None:
 
         self.classes = tuple(classes)
         self.run_id = run_id
         self.diff = Differential(self.classes)
         self.ids = IdSet()
         self.duplicates = 0
+        self.journal = journal
+        self.ledger = Ledger(timeout_s=loss_timeout_s, sink=journal)
+        self.silence_s = float(silence_s)
+        #: services heard from: sender -> {"role", "t" (last heard, monotonic s), "final",
+        #: "dead"}
+        self.peers: dict[str, dict[str, Any]] = {}
+        #: emitter's accounting sender -> the sender id of its crop messages
+        self.crops_sender_of: dict[str, str] = {}
+        self.closed = False  # final summary written (runs_root mode keeps serving)
         self.reports: dict[str, dict[str, Any]] = {}
         self.event_rejected: dict[str, Counter[str]] = {}
         self.event_dropped: dict[str, Counter[str]] = {}
@@ -271,15 +395,20 @@ class RunState:
         t_recv_ns = time.monotonic_ns() if t_recv_ns is None else t_recv_ns
         ids = np.asarray(header["ids"], dtype=np.int64)
         n = ids.size
-        if tuple(header["classes"]) != self.classes:
-            self.collector_rejected["class_mismatch"] += n
-            self.messages_rejected["class_mismatch"] += 1
-            return np.zeros(0, dtype=CELL_DTYPE), np.zeros(n, dtype=bool)
         if self.run_id and header.get("run") and header["run"] != self.run_id:
             self.messages_rejected["run_mismatch"] += 1
             return np.zeros(0, dtype=CELL_DTYPE), np.zeros(n, dtype=bool)
+        src = _src(header)
+        if tuple(header["classes"]) != self.classes:
+            new = self.ids.add_new(ids)  # rejected once; a resend is a duplicate
+            self.duplicates += int(n - new.sum())
+            self.collector_rejected["class_mismatch"] += int(new.sum())
+            self.messages_rejected["class_mismatch"] += 1
+            self._resolved(src, int(new.sum()))
+            return np.zeros(0, dtype=CELL_DTYPE), np.zeros(n, dtype=bool)
         new = self.ids.add_new(ids)
         self.duplicates += int(n - new.sum())
+        self._resolved(src, int(new.sum()))
         if not new.any():
             return np.zeros(0, dtype=CELL_DTYPE), new
         t = header.get("t", {}) or {}
@@ -320,6 +449,11 @@ class RunState:
         self.t_last_ns = t1 if self.t_last_ns is None else max(self.t_last_ns, t1)
         self.last_progress = time.monotonic()
 
+    def _resolved(self, src: tuple[str, int, int, int] | None, cells: int) -> None:
+        """``cells`` cells of the crop message ``src`` came back (completeness check)."""
+        if src is not None and cells > 0:
+            self.ledger.resolved(src[0], src[1], src[2], src[3], cells)
+
     def restore(self, records: np.ndarray) -> None:
         """Rebuild counts from a cell log written by a predecessor (after a restart)."""
         if not len(records):
@@ -327,6 +461,77 @@ class RunState:
         new = self.ids.add_new(records["id"])
         self.duplicates += int((~new).sum())
         self._count(records[new])
+
+    def replay(self, line: Mapping[str, Any]) -> None:
+        """Take back one journal line written by a predecessor (after a restart)."""
+        if line.get("k") == "cell_event":
+            key = (str(line["sender"]), int(line["seq"]))
+            if key not in self._event_seen:
+                self._event_seen.add(key)
+                book = self.event_rejected if line["event"] == "rejected" else self.event_dropped
+                book.setdefault(key[0], Counter())[str(line["reason"])] += int(line["cells"])
+        else:
+            self.ledger.replay(line)
+
+    def handler_failed(self, header: Mapping[str, Any]) -> None:
+        """Error boundary: a message the collector could not handle is rejected
+        (``handler_error``); its cells, if any were not counted, are rejected with it (and a
+        resend of them is a duplicate)."""
+        self.messages_rejected["handler_error"] += 1
+        if header.get("kind") != "results":
+            return
+        try:
+            ids = np.asarray(header.get("ids", []), dtype=np.int64).reshape(-1)
+            new = self.ids.add_new(ids)
+            self.collector_rejected["handler_error"] += int(new.sum())
+            self._resolved(_src(header), int(new.sum()))
+        except Exception as exc:  # noqa: BLE001 - counting must not fail in turn
+            log.error("could not count the cells of a failed message: %s", exc)
+
+    def _heard(self, sender: str, role: str, stats: Mapping[str, Any], cmd: str | None,
+               now: float) -> None:
+        """Track services for failure detection (silence, final reports, new starts)."""
+        peer = self.peers.setdefault(sender, {"role": role, "t": now, "final": False,
+                                              "dead": False})
+        peer["t"] = now
+        if peer["dead"]:  # heard again: it was only slow
+            peer["dead"] = False
+            if role in EMITTER_ROLES and sender in self.crops_sender_of:
+                self.ledger.source_alive(self.crops_sender_of[sender])
+        if role in EMITTER_ROLES:
+            crops = stats.get("crops_sender")
+            if isinstance(crops, str) and crops:
+                self.crops_sender_of[sender] = crops
+                if cmd == "hello":  # a new start of this run: starts that did not end died
+                    for other, cs in self.crops_sender_of.items():
+                        if cs != crops and other not in self.eos_senders:
+                            self.ledger.source_died(cs)
+                            self.peers.get(other, {})["dead"] = True
+            if cmd in ("accounting", "eos") and sender in self.crops_sender_of:
+                msgs, cells = stats.get("crops_seq"), stats.get("cells_emitted",
+                                                               stats.get("emitted"))
+                if isinstance(msgs, int) and isinstance(cells, int):
+                    self.ledger.reported(self.crops_sender_of[sender], msgs, cells,
+                                         ended=cmd == "eos")
+            if cmd == "eos":
+                peer["final"] = True
+        elif role == "infer" and stats.get("final") is True and not peer["final"]:
+            peer["final"] = True
+            self.ledger.event("worker_stopped", sender)
+
+    def check_liveness(self, now: float | None = None) -> None:
+        """Services silent for ``silence_s`` without a final report are taken for dead
+        (worker: ``worker_died``; acquisition: its crop stream's source died)."""
+        now = time.monotonic() if now is None else now
+        for sender, peer in self.peers.items():
+            if peer["final"] or peer["dead"] or now - peer["t"] < self.silence_s:
+                continue
+            if peer["role"] == "infer":
+                peer["dead"] = True
+                self.ledger.event("worker_died", sender, t=peer["t"])
+            elif peer["role"] in EMITTER_ROLES and sender in self.crops_sender_of:
+                peer["dead"] = True
+                self.ledger.source_died(self.crops_sender_of[sender], t=peer["t"])
 
     def ingest_control(self, header: Mapping[str, Any]) -> None:
         """Take a ``control`` (``accounting``/``eos``/``stop``/``hello``) or ``heartbeat``.
@@ -340,6 +545,8 @@ class RunState:
         sender = str(header.get("sender", "?"))
         seq = int(header.get("seq", 0))
         stats = header.get("stats", {}) or {}
+        if cmd in ("accounting", "eos", "heartbeat", "hello"):
+            self._heard(sender, _role(sender), stats, cmd, time.monotonic())
         if cmd in ("accounting", "eos", "heartbeat"):
             if stats.get("event") in ("rejected", "dropped"):
                 key = (sender, seq)
@@ -348,9 +555,16 @@ class RunState:
                     n = stats.get("cells", len(stats.get("ids", []) or []))
                     reason = str(stats.get("reason", "unknown"))
                     if isinstance(n, int) and n > 0:
+                        if self.journal is not None:
+                            self.journal({"k": "cell_event", "sender": sender, "seq": seq,
+                                          "event": stats["event"], "reason": reason,
+                                          "cells": n, "ids": stats.get("ids", []),
+                                          "src": stats.get("src_sender", ""),
+                                          "src_seq": stats.get("src_seq", -1)})
                         book = self.event_rejected if stats["event"] == "rejected" \
                             else self.event_dropped
                         book.setdefault(sender, Counter())[reason] += n
+                        self._resolved(_src(stats), n)
             elif cmd != "heartbeat" or stats:
                 prev = self.reports.get(sender)
                 if prev is None or seq >= prev.get("seq", -1):
@@ -362,12 +576,24 @@ class RunState:
             if isinstance(restarts, Mapping):
                 for child, n in restarts.items():
                     if isinstance(n, int):
+                        if n > self.restarts.get(str(child), 0):
+                            self._child_failed(str(child))
                         self.restarts[str(child)] = n
             if cmd != "heartbeat":
                 self.last_progress = time.monotonic()
         elif cmd == "stop":
             self.stop_requested = True
             self.last_progress = time.monotonic()
+
+    def _child_failed(self, child: str) -> None:
+        """The supervisor restarted ``child`` after a crash: a failure that explains loss."""
+        if child.startswith("infer"):
+            self.ledger.event("worker_died", child)
+        elif child == "source":  # every start of the source that did not end is gone
+            for sender, crops in self.crops_sender_of.items():
+                if sender not in self.eos_senders:
+                    self.ledger.source_died(crops)
+                    self.peers.get(sender, {})["dead"] = True
 
     def reject_message(self, reason: str) -> None:
         """Count a message the collector could not decode (its cells are unknown)."""
@@ -381,9 +607,19 @@ class RunState:
         return bool(emitters) and all(s in self.eos_senders for s in emitters)
 
     def accounting(self, final: bool = False) -> dict[str, Any]:
-        """The run's accounting; with ``final`` unresolved cells become ``dropped/lost``."""
+        """The run's accounting (see the module docstring).
+
+        ``lost`` (by ``stage:reason``) are the cells the completeness check declared lost;
+        with ``final`` every source's missing messages are declared lost, and cells still
+        unresolved beyond those (sources without sequence information) are lost
+        ``pipeline:unattributed``. ``published`` counts the cells of every source known from
+        its reports or from its messages that came back (a killed acquisition's last crops).
+        """
+        if final:
+            self.ledger.advance(final=True)
         emitted = 0
         published = 0
+        covered: set[str] = set()
         rejected: Counter[str] = Counter({f"collector:{r}": n
                                           for r, n in self.collector_rejected.items()})
         dropped: Counter[str] = Counter()
@@ -395,6 +631,10 @@ class RunState:
             if role in EMITTER_ROLES:
                 val = st.get("cells_emitted", st.get("emitted", 0))
                 pub = int(val) if isinstance(val, int | float) else 0
+                crops = self.crops_sender_of.get(sender)
+                if crops:
+                    covered.add(crops)
+                    pub = max(pub, self.ledger.known_cells(crops))
                 published += pub
                 emitted += pub
                 # acquisition's own outcomes before publishing (quality gates, back-pressure)
@@ -412,26 +652,37 @@ class RunState:
                 ev = book.get(sender, Counter())
                 for reason in set(tot) | set(ev):
                     dst[f"{role}:{reason}"] += max(tot[reason], ev[reason])
+        for name, src in self.ledger.sources.items():  # sources that never reported
+            if name not in covered and _role(name) in EMITTER_ROLES:
+                published += src.known_cells
+                emitted += src.known_cells
         dec = {d: int(c) for d, c in zip(DECISIONS, self.diff.decision_counts, strict=True)}
         classified = sum(dec.values())
-        resolved = classified + sum(rejected.values()) + sum(dropped.values())
+        lost = self.ledger.lost()
+        resolved = classified + sum(rejected.values()) + sum(dropped.values()) \
+            + sum(lost.values())
         unresolved = emitted - resolved
         if final and unresolved > 0:
-            dropped["lost"] += unresolved
+            lost["pipeline:unattributed"] += unresolved
             unresolved = 0
         rej_total = sum(rejected.values())
         drop_total = sum(dropped.values())
+        lost_total = sum(lost.values())
+        late = sum(s.late_cells for s in self.ledger.sources.values())
         return {
             "emitted": emitted,
             **dec,
             "rejected": dict(rejected),
             "dropped": dict(dropped),
+            "lost": dict(lost),
             "rejected_total": rej_total,
             "dropped_total": drop_total,
+            "lost_total": lost_total,
             "in_flight": max(0, unresolved),
             "excess": max(0, -unresolved),
+            "late": late,
             "duplicates": self.duplicates,
-            "balanced": emitted == classified + rej_total + drop_total,
+            "balanced": emitted == classified + rej_total + drop_total + lost_total,
             "published": published,
             "messages_rejected": dict(self.messages_rejected),
         }
@@ -498,6 +749,7 @@ class RunState:
             "collector_restarts": self.collector_restarts,
             "recording": dict(self.recording),
             "senders": {s: r["stats"] for s, r in self.reports.items()},
+            "completeness": self.ledger.summary(),
             **(self.watch.snapshot(final) if self.watch is not None else {}),
         }
 
@@ -542,11 +794,21 @@ class CollectorConfig:
         The recording is flushed and synced (``fsync``) this often [s] (a crash of the
         collector or the machine loses at most this much of it; also at stop).
     exit_on_eos : bool
-        Finish and exit when the stream ended and every cell is resolved.
+        Finish and exit when the stream ended and every cell is resolved (ignored with
+        ``runs_root``: the collector then keeps serving run after run).
     params_json : str
         JSON file with the run's parameters (stored in the recording and summary).
     hwm : int
         ZeroMQ high-water marks [messages].
+    loss_timeout_s : float
+        A missing crop message is declared lost once a later message of its source came
+        back this long ago, or its source ended or died this long ago [s].
+    silence_s : float
+        A worker or acquisition not heard from for this long, without a final report, is
+        taken for dead when losses are attributed [s] (they report every second).
+    runs_root : str
+        Serve run after run (systemd, compose): each run in ``<runs_root>/<run id>``
+        (``run_dir`` is then unused); '' = one run in ``run_dir``.
     """
 
     results: str = transport.DEFAULT_ENDPOINTS["collector"]
@@ -566,6 +828,9 @@ class CollectorConfig:
     exit_on_eos: bool = True
     params_json: str = ""
     hwm: int = 1000
+    loss_timeout_s: float = bounded(10.0, 0.1, 86400.0)
+    silence_s: float = bounded(5.0, 0.5, 86400.0)
+    runs_root: str = ""
 
 
 class Collector:
@@ -579,22 +844,91 @@ class Collector:
 
     def __init__(self, cfg: CollectorConfig) -> None:
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state = RunState(run_id=cfg.run_id)
         self.params: dict[str, Any] = {"collector": asdict(cfg)}
         if cfg.params_json and Path(cfg.params_json).is_file():
             self.params.update(json.loads(Path(cfg.params_json).read_text()))
-        self.state.watch = RunWatch(self.params)  # drift monitor, QC status, validity
-        self._restore()
-        self.cell_log = CellLog(self.run_dir / "cells.bin")
-        self.recorder = None
-        self.segments: list[str] = list(self._prev.get("segments", []))
         self._stop = threading.Event()
         self.finished = False
         self._m: Any = None
         self._health: Any = None
         self._sent_counts: dict[str, float] = {}
+        self._lost_labels: set[tuple[str, str]] = set()
+        self.recorder = None
+        self.cell_log: CellLog | None = None
+        self.journal: Journal | None = None
+        self.runs_root = Path(cfg.runs_root) if cfg.runs_root else None
+        if self.runs_root is None:
+            self._open_run(Path(cfg.run_dir), cfg.run_id)
+        else:
+            self.runs_root.mkdir(parents=True, exist_ok=True)
+            current = self._unfinished_run()
+            if current:  # a restarted collector resumes the run it was serving
+                self._open_run(self.runs_root / current, current)
+            else:  # the first message names the run (_adopt)
+                self.run_dir = self.runs_root
+                self.state = self._new_state("")
+                self._prev = {}
+                self.segments = []
+
+    # -- runs ----------------------------------------------------------------------------
+    def _journal_line(self, line: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self.journal.write(line)
+
+    def _new_state(self, run_id: str) -> RunState:
+        st = RunState(run_id=run_id, loss_timeout_s=self.cfg.loss_timeout_s,
+                      silence_s=self.cfg.silence_s, journal=self._journal_line)
+        st.watch = RunWatch(self.params)  # drift monitor, QC status, validity
+        return st
+
+    def _open_run(self, run_dir: Path, run_id: str) -> None:
+        """Make ``run_dir`` the current run: restore what a predecessor left there."""
+        self.run_dir = run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = None
+        self.state = self._new_state(run_id)
+        self._restore()
+        self.cell_log = CellLog(self.run_dir / "cells.bin")
+        self.journal = Journal(self.run_dir / "ledger.jsonl")
+        if self.state.collector_restarts:
+            self.state.ledger.event("collector_restart", "collector")
+        self.segments = list(self._prev.get("segments", []))
+        if self.runs_root is not None and run_id:
+            atomic_write_json(self.runs_root / "current.json", {"run": run_id})
+
+    def _unfinished_run(self) -> str:
+        """The run named in ``<runs_root>/current.json`` unless its summary is final."""
+        assert self.runs_root is not None
+        try:
+            run = json.loads((self.runs_root / "current.json").read_text()).get("run", "")
+        except (OSError, ValueError, AttributeError):
+            return ""
+        if not isinstance(run, str) or not run or "/" in run or run.startswith("."):
+            return ""
+        try:
+            done = json.loads((self.runs_root / run / "summary.json").read_text())
+            return "" if done.get("final") else run
+        except (OSError, ValueError, AttributeError):
+            return run
+
+    def _adopt(self, run: str) -> None:
+        """``runs_root`` mode: the first message names the run this collector serves."""
+        if not run or "/" in run or run.startswith(".") or len(run) > wire.MAX_STR:
+            return
+        pending = self.state
+        self._open_run(self.runs_root / run, run)
+        self.state.peers.update(pending.peers)
+        self._open_recorder()
+
+    def _switch_run(self, run: str, pub: Any, sender: Any) -> None:
+        """``runs_root`` mode: an acquisition of a new run said hello."""
+        if not run or "/" in run or run.startswith(".") or len(run) > wire.MAX_STR:
+            return
+        log.info("new run %s: finishing run %s", run, self.state.run_id)
+        self._finish_run(pub, sender)
+        self._sent_counts = {}  # counters go on from their totals with the new run's counts
+        self._open_run(self.runs_root / run, run)
+        self._open_recorder()
 
     # -- restart recovery ----------------------------------------------------------------
     def _restore(self) -> None:
@@ -606,15 +940,23 @@ class Collector:
             except (OSError, json.JSONDecodeError) as exc:
                 log.error("ignoring unreadable %s: %s", state_path, exc)
         records = read_cell_log(self.run_dir / "cells.bin")
-        if self._prev or len(records):
-            self.state.collector_restarts = int(self._prev.get("collector_restarts", -1)) + 1
+        lines = read_journal(self.run_dir / "ledger.jsonl")
+        if self._prev or len(records) or lines:
+            self.state.collector_restarts = int(self._prev.get("collector_restarts", 0)) + 1
             self.state.restore(records)
             for sender, rep in self._prev.get("reports", {}).items():
                 self.state.reports[sender] = rep
-            for key in ("event_rejected", "event_dropped"):
-                book = getattr(self.state, key)
-                for sender, counts in self._prev.get(key, {}).items():
-                    book[sender] = Counter(counts)
+            # per-cell events and the completeness ledger: exactly what the predecessor
+            # handled (the journal is written through as messages are handled)
+            for line in lines:
+                try:
+                    self.state.replay(line)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("ignoring a bad journal line %s: %s", line, exc)
+            for sender, rep in self.state.reports.items():  # who emitted what
+                crops = rep.get("stats", {}).get("crops_sender")
+                if rep.get("role") in EMITTER_ROLES and isinstance(crops, str) and crops:
+                    self.state.crops_sender_of[sender] = crops
             self.state.eos_senders.update(self._prev.get("eos_senders", []))
             self.state.restarts.update(self._prev.get("restarts", {}))
             self.state.duplicates = max(self.state.duplicates, self._prev.get("duplicates", 0))
@@ -630,11 +972,13 @@ class Collector:
 
     def _segment_path(self) -> Path:
         base = Path(self.cfg.record)
+        if self.runs_root is not None:  # one recording per run, in its folder
+            base = self.run_dir / base.name
         k = len(self.segments)
         return base if k == 0 else base.with_name(f"{base.stem}.part{k}{base.suffix}")
 
     def _open_recorder(self) -> None:
-        if not self.cfg.record:
+        if not self.cfg.record or (self.runs_root is not None and not self.state.run_id):
             return
 
         path = self._segment_path()
@@ -644,6 +988,8 @@ class Collector:
 
     def _save_state(self) -> None:
         st = self.state
+        if self.cell_log is None:  # runs_root mode before the first run is known
+            return
         atomic_write_json(self.run_dir / "collector_state.json", {
             "run": st.run_id,
             "reports": st.reports,
@@ -672,7 +1018,8 @@ class Collector:
                     "leukoflow_queue_depth", "leukoflow_drift_alarm", "leukoflow_drift_enabled",
                     "leukoflow_drift_max_score", "leukoflow_drift_score",
                     "leukoflow_differential_valid", "leukoflow_qc_status",
-                    "leukoflow_qc_magnification"):
+                    "leukoflow_qc_magnification", "leukoflow_run_cells_in_flight",
+                    "leukoflow_run_cells_lost"):
             self._m[fam]  # create the family so it is exported from the start
         self._health = ServiceScaffold(self._m, host=self.cfg.metrics_host,
                                        port=self.cfg.metrics_port,
@@ -710,6 +1057,13 @@ class Collector:
         for reason, n in acc["messages_rejected"].items():
             self._inc_to(m["leukoflow_messages_rejected_total"].labels(reason),
                          f"r:{reason}", n)
+        # loss while the run is going (gauges: a late message takes its cells back)
+        m["leukoflow_run_cells_in_flight"].set(acc.get("in_flight", 0))
+        lost = {tuple(k.split(":", 1)) if ":" in k else ("pipeline", k): n
+                for k, n in acc.get("lost", {}).items()}
+        for key in self._lost_labels | set(lost):
+            m["leukoflow_run_cells_lost"].labels(*key).set(lost.get(key, 0))
+        self._lost_labels |= set(lost)
         for name, c in snap["differential"]["classes"].items():
             m["leukoflow_differential_cells"].labels(name).set(c["count"])
             m["leukoflow_differential_ratio"].labels(name).set(c["fraction"] or 0.0)
@@ -764,6 +1118,7 @@ class Collector:
                                             hwm=self.cfg.hwm, immediate=False, serves="tap",
                                             allow_remote=remote)
         self._open_recorder()
+        self._switch_to = ""
         live_sender = wire.Sender(self.cfg.run_id or "run", "collector")
         pending: deque[list] = deque()
         poller = zmq.Poller()
@@ -786,15 +1141,23 @@ class Collector:
                         self._handle(frames)
                 if tap_in is not None:
                     self._tap(tap_in, tap_out, events, pending)
+                if self._switch_to:
+                    self._switch_run(self._switch_to, pub, live_sender)
+                    self._switch_to = ""
                 now = time.monotonic()
                 if now - last_flush >= self.cfg.flush_interval_s:
-                    self._flush()
+                    self._guarded(self._flush)
                     last_flush = now
                 if now - last_pub >= self.cfg.publish_interval_s:
-                    snap = self.state.snapshot()
-                    self._publish(pub, live_sender, snap)
-                    self._update_metrics(snap)
+                    self._guarded(self._periodic, pub, live_sender)
                     last_pub = now
+                if self.runs_root is not None:
+                    if not self.state.closed and self.state.run_id and self._done():
+                        self._guarded(self._write_summary, pub, live_sender)
+                        self.state.closed = True  # keep serving: late messages still count
+                    if self._stop.is_set() or (self.state.stop_requested and self._done()):
+                        break
+                    continue
                 if self.cfg.exit_on_eos and self._done() and not pending:
                     break
                 if self._stop.is_set():
@@ -807,6 +1170,21 @@ class Collector:
             if self._health is not None:
                 self._health.close()
         return summary
+
+    def _guarded(self, job: Any, *args: Any) -> None:
+        """Run a periodic job; a failure is logged, never the end of the service."""
+        try:
+            job(*args)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("%s failed: %s", getattr(job, "__name__", job), exc)
+
+    def _periodic(self, pub: Any, live_sender: Any) -> None:
+        """Failure detection, completeness check, live state and metrics."""
+        self.state.check_liveness()
+        self.state.ledger.advance()
+        snap = self.state.snapshot()
+        self._publish(pub, live_sender, snap)
+        self._update_metrics(snap)
 
     def _handle(self, frames: list) -> None:
 
@@ -821,10 +1199,27 @@ class Collector:
             log.warning("unauthorized %s %s from %s refused", msg.kind,
                         msg.header.get("cmd", ""), msg.sender)
             return
+        try:
+            self._dispatch(msg)
+        except Exception as exc:  # noqa: BLE001 - one message never ends the collector
+            log.exception("handling %s from %s failed: %s", msg.kind, msg.sender, exc)
+            self.state.handler_failed(msg.header)
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        """Handle one validated message (inside :meth:`_handle`'s error boundary)."""
+        if self.runs_root is not None:
+            run = msg.header.get("run", "")
+            if not self.state.run_id and run:
+                self._adopt(run)
+            elif (run and run != self.state.run_id and msg.kind == "control"
+                  and msg.header.get("cmd") == "hello" and _role(msg.sender) in EMITTER_ROLES):
+                self._switch_to = run  # after this batch of messages (in the loop)
+                return
         self._gaps.observe(msg.sender, msg.seq)
         if msg.kind == "results":
             recs, new = self.state.ingest_results(msg.header, msg.array)
-            self.cell_log.append(recs)
+            if self.cell_log is not None:
+                self.cell_log.append(recs)
             if self.recorder is not None and new.any():
                 lat = np.full(len(new), np.nan)
                 lat[new] = recs["latency_s"]
@@ -857,6 +1252,8 @@ class Collector:
                             self.recorder.add_crops(msg.header, msg.array)
                     except wire.WireError:
                         pass  # forwarded unchanged: the worker rejects and reports it
+                    except Exception as exc:  # noqa: BLE001 - the crops still go on
+                        log.exception("recording crops failed: %s", exc)
                 pending.append(frames)
         while pending:
             try:
@@ -868,7 +1265,11 @@ class Collector:
             self._m["leukoflow_queue_depth"].labels("collector_tap").set(len(pending))
 
     def _flush(self) -> None:
+        if self.cell_log is None:
+            return
         self.cell_log.flush()
+        if self.journal is not None:
+            self.journal.flush()
         if self.recorder is not None:
             self.recorder.maybe_flush()
             self.state.recording = {**self.recorder.stats(), "segments": self.segments}
@@ -881,13 +1282,27 @@ class Collector:
 
 
         try:
-            live = {k: v for k, v in snap.items() if k not in ("senders", "params")}
+            live = {k: v for k, v in snap.items()
+                    if k not in ("senders", "params", "completeness")}
             frames = wire.encode(heartbeat_message(sender, live))
             pub.send_multipart(frames, flags=zmq.NOBLOCK)
         except (zmq.Again, wire.WireError) as exc:
             log.debug("live state not published: %s", exc)
 
-    def _finish(self, pub: Any, sender: Any) -> dict[str, Any]:
+    def _write_summary(self, pub: Any, sender: Any) -> dict[str, Any]:
+        """The run's final summary (``summary.json``), exported and published."""
+        snap = self.state.snapshot(final=True)
+        snap["params"] = self.params
+        snap["sequence_gaps"] = self._gaps.gaps if hasattr(self, "_gaps") else 0
+        if self.cell_log is not None:
+            self._save_state()
+            atomic_write_json(self.run_dir / "summary.json", snap)
+        self._update_metrics(snap)
+        self._publish(pub, sender, snap)
+        return snap
+
+    def _finish_run(self, pub: Any, sender: Any) -> dict[str, Any]:
+        """Close the current run: recording, logs, final summary."""
         rec_stats: dict[str, Any] = {}
         if self.recorder is not None:
             acc = self.state.accounting(final=True)
@@ -898,15 +1313,16 @@ class Collector:
                 "service_reports": jsonutil.dumps({s: r["stats"] for s, r in
                                                    self.state.reports.items()}),
             })
-        self.cell_log.close()
+            self.recorder = None
         self.state.recording = {**rec_stats, "segments": self.segments} if self.segments else {}
-        snap = self.state.snapshot(final=True)
-        snap["params"] = self.params
-        snap["sequence_gaps"] = self._gaps.gaps if hasattr(self, "_gaps") else 0
-        self._save_state()
-        atomic_write_json(self.run_dir / "summary.json", snap)
-        self._update_metrics(snap)
-        self._publish(pub, sender, snap)
+        snap = self._write_summary(pub, sender)
+        for f in (self.cell_log, self.journal):
+            if f is not None:
+                f.close()
+        return snap
+
+    def _finish(self, pub: Any, sender: Any) -> dict[str, Any]:
+        snap = self._finish_run(pub, sender)
         self.finished = True
         return snap
 

@@ -206,6 +206,8 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
     s.add_row("dropped", str(acc.get("dropped_total", 0)), "explainer backlog",
               "–" if services.get("explainer_backlog") is None
               else f"{services['explainer_backlog']:.0f}")
+    s.add_row("lost", str(acc.get("lost_total", 0)), "duplicates",
+              str(acc.get("duplicates", 0)))
     camera = camera_line(services)
     queues = services.get("queues") or {}
     q = ", ".join(f"{k} {v:.0f}" for k, v in sorted(queues.items())) or "–"
@@ -216,9 +218,24 @@ def render(state: Mapping[str, Any] | None, services: Mapping[str, Any] | None =
     from rich.text import Text
 
     lines = [Text(text, style=style) for text, style in live_lines(state)]
+    loss = loss_line(acc)
+    if loss is not None:
+        lines.insert(0, Text(*loss))
     if camera is not None:
         lines.insert(0, Text(*camera))
     return Group(t, s, Text(footer), *lines)
+
+
+def loss_line(acc: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(text, style)`` naming lost cells (by stage:reason) and duplicates, or None."""
+    parts = []
+    lost = acc.get("lost") or {}
+    if acc.get("lost_total"):
+        why = ", ".join(f"{k} {v}" for k, v in sorted(lost.items()))
+        parts.append(f"LOST {acc['lost_total']} cells ({why})")
+    if acc.get("duplicates"):
+        parts.append(f"{acc['duplicates']} duplicate results (counted once)")
+    return (" | ".join(parts), "bold red") if parts else None
 
 
 def camera_line(services: Mapping[str, Any]) -> tuple[str, str] | None:

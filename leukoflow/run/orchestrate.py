@@ -415,7 +415,8 @@ def build_specs(opts: RunOptions, run_dir: Path) -> dict[str, ChildSpec]:
     if recording:
         coll += ["--out", opts.record, "--tap-in", ep["crops"], "--tap-out", ep["tap"]]
     specs["collector"] = ChildSpec(
-        "collector", _cli(*coll), ready_url=f"http://127.0.0.1:{mp['collector']}/readyz")
+        "collector", _cli(*coll), ready_url=f"http://127.0.0.1:{mp['collector']}/readyz",
+        env={"LEUKOFLOW_COLLECTOR_RUNS_ROOT": ""})  # this one run, in run_dir
     if opts.explain:
         specs["explain"] = ChildSpec(
             "explain", _cli("explain"),

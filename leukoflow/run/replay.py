@@ -128,6 +128,10 @@ class ReplayPublisher:
         ctl = transport.make_socket(ctx, "PUSH", self.collector_endpoint, bind=False,
                                     immediate=False, identity="acquire")
         sender = wire.Sender(self.run_id, "replay")
+        # control messages get their own sender: the crop messages' sequence numbers stay
+        # gap-free, so the collector checks their completeness (leukoflow.run.ledger)
+        self._crops_sender = sender
+        ctl_sender = wire.Sender(self.run_id, "replay")
         rec = self.rec
         ids = self._ids()
         labels = rec["label"]
@@ -159,6 +163,7 @@ class ReplayPublisher:
                              if np.isfinite(v[idx]).all()},
                     "t_acq": [now] * len(idx),
                     "frames": [int(f) for f in frames[idx]],
+                    "cum": self.emitted,
                 }
                 if (lab >= -1).all():
                     fields["labels"] = [int(x) for x in lab]
@@ -172,14 +177,16 @@ class ReplayPublisher:
                     if not sent:
                         time.sleep(0.001)  # back-pressure: wait for the workers, never drop
                 if not sent:
+                    sender.seq -= 1  # never sent: no gap in the crop messages' numbers
                     break
                 self.emitted += len(idx)
                 n_msgs += 1
                 if time.monotonic() - last_acc > 0.5:
-                    transport.send(ctl, sender.message("control", cmd="accounting",
+                    transport.send(ctl, ctl_sender.message("control", cmd="accounting",
                                                        stats=self._stats()), block=True)
                     last_acc = time.monotonic()
-            transport.send(ctl, sender.message("control", cmd="eos", stats=self._stats()),
+            transport.send(ctl, ctl_sender.message("control", cmd="eos",
+                                                   stats=self._stats()),
                            block=True)
         finally:
             # crops still queued in ZeroMQ were counted as emitted: deliver them before
@@ -192,7 +199,10 @@ class ReplayPublisher:
                 "complete": self.emitted == rec["n"]}
 
     def _stats(self) -> dict[str, Any]:
-        return {"emitted": self.emitted, "source": str(self.path), "cells": int(self.rec["n"])}
+        crops = getattr(self, "_crops_sender", None)
+        return {"emitted": self.emitted, "source": str(self.path), "cells": int(self.rec["n"]),
+                "crops_sender": crops.sender if crops is not None else "",
+                "crops_seq": crops.seq if crops is not None else 0}
 
 
 def compare_decisions(recording: str | Path, run_dir: str | Path) -> dict[str, Any]:
