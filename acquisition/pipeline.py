@@ -415,9 +415,7 @@ class AcquisitionPipeline:
         t_acq = time.monotonic_ns() if t_acq_ns is None else int(t_acq_ns)
         t = {"t_acq": t_acq, "t_recon": _t_recon if _t_recon is not None else time.monotonic_ns()}
         self.stats["frames"]["processed"] += 1
-        seg = self.segmenter.segment(phase)
-        dets = measure_objects(seg.labels, seg.n, phase, amplitude=amplitude, frame=index,
-                               pixel_um=self.pixel_um)
+        seg, dets = self._detect(index, phase, amplitude)
         self.gates.apply(dets)
         if self.split_config.enabled:
             dets = self._split(dets, seg, phase, amplitude, index)
@@ -443,6 +441,14 @@ class AcquisitionPipeline:
         t["t_crop"] = time.monotonic_ns()
         self.stage_ns["crop"] += t["t_crop"] - t["t_track"]
         return res
+
+    def _detect(self, index: int, phase: np.ndarray, amplitude: np.ndarray | None
+                ) -> tuple[Segmentation, list[Detection]]:
+        """Segment one phase frame and measure its objects (the batched device pipeline,
+        :mod:`leukoflow.acquisition.batched`, hands in what it computed on the device)."""
+        seg = self.segmenter.segment(phase)
+        return seg, measure_objects(seg.labels, seg.n, phase, amplitude=amplitude,
+                                    frame=index, pixel_um=self.pixel_um)
 
     def _split(self, dets: list[Detection], seg: Segmentation, phase: np.ndarray,
                amplitude: np.ndarray | None, index: int) -> list[Detection]:

@@ -80,6 +80,14 @@ class AcquireConfig:
     warmup_s : float
         Warm-up after the first frame [s]: ``leukoflow_warming_up`` is 1 and the achieved
         frame rate of the steady state is measured from its end.
+    device : str
+        Where the per-pixel work runs: ``cpu`` (NumPy, frame by frame), ``cuda``/``cuda:N``
+        (batches of frames on the GPU, :mod:`leukoflow.acquisition.batched`), ``auto``
+        (CUDA when available) or ``torch-cpu`` (the batched path on the CPU: tests).
+    batch_frames : int
+        Frames per device batch (GPU path).
+    batch_max_delay_ms : float
+        A device batch is processed at the latest this long after its first frame [ms].
     crops_endpoint : str
         PUSH bind address for crops.
     collector_endpoint : str
@@ -120,6 +128,9 @@ class AcquireConfig:
     as_fast_as_possible: bool = False
     buffer_frames: int = 256
     warmup_s: float = 5.0
+    device: str = "cpu"
+    batch_frames: int = 64
+    batch_max_delay_ms: float = 20.0
     crops_endpoint: str = transport.DEFAULT_ENDPOINTS["crops"]
     collector_endpoint: str = transport.DEFAULT_ENDPOINTS["collector"]
     metrics_host: str = transport.LOOPBACK
@@ -173,6 +184,8 @@ class AcquireService:
         self.realtime: RealtimeMonitor | None = None
         self._gauges_at = 0.0
         self._audits_seen: dict[str, int] = {}
+        self._batch: list = []
+        self._batch_t0 = time.monotonic()
 
     # ------------------------------------------------------------------ control
     def stop(self, reason: str = "requested") -> None:
@@ -263,7 +276,7 @@ class AcquireService:
             src.open()
             self.stall = StallMonitor(frame_interval_s=src.frame_interval_s or 0.002,
                                       stall_intervals=cfg.stall_intervals)
-            self.pipeline = AcquisitionPipeline(self.pipeline_config)
+            self.pipeline = self._make_pipeline()
             bg = src.background
             if bg is not None:
                 self.pipeline.set_background(bg)
@@ -289,6 +302,26 @@ class AcquireService:
             self._shutdown()
             ctx.term()
         return self.final
+
+    def _make_pipeline(self) -> AcquisitionPipeline:
+        """The NumPy pipeline, or the batched device pipeline for ``device`` cuda/auto."""
+        dev = self.config.device
+        if dev == "cpu":
+            return AcquisitionPipeline(self.pipeline_config)
+        import torch
+
+        from leukoflow.acquisition.batched import BatchedPipeline
+
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            if dev == "cpu":
+                return AcquisitionPipeline(self.pipeline_config)
+        if dev == "torch-cpu":
+            dev = "cpu"
+        elif not torch.cuda.is_available():
+            raise SourceError(f"acquire device {dev!r}: CUDA is not available here "
+                              "(use device cpu or auto)")
+        return BatchedPipeline(self.pipeline_config, device=dev)
 
     def _collect_background(self, src: Source) -> None:
         frames = []
@@ -336,6 +369,7 @@ class AcquireService:
                     m["leukoflow_camera_stalls_total"].inc()
                     log.warning("camera stall: no frame for %.2f s", self.stall.timeout_s)
                 m["leukoflow_camera_frame_age_seconds"].set(self.stall.age_s())
+                self._flush_batch(src)  # no frame now: do not hold a partial batch back
                 self._set_rate_gauges()
                 continue
             self._last_index = max(self._last_index, int(raw.index))
@@ -351,9 +385,25 @@ class AcquireService:
             self.realtime.frame({"overrun": overrun, "camera": missing}, backlog=raw.backlog)
             self.stats["frames"] += 1
             m["leukoflow_frames_total"].inc()
-            res = self.pipeline.process(raw)
-            self._account_frame(res, src)
+            if hasattr(self.pipeline, "process_batch"):
+                if not self._batch:
+                    self._batch_t0 = time.monotonic()
+                self._batch.append(raw)
+                if (len(self._batch) >= max(cfg.batch_frames, 1)
+                        or time.monotonic() - self._batch_t0 >= cfg.batch_max_delay_ms / 1e3):
+                    self._flush_batch(src)
+            else:
+                res = self.pipeline.process(raw)
+                self._account_frame(res, src)
             self._set_rate_gauges()
+
+    def _flush_batch(self, src: Source) -> None:
+        """Process the frames collected for the device in one batch."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        for res in self.pipeline.process_batch(batch):
+            self._account_frame(res, src)
 
     def _set_rate_gauges(self, force: bool = False) -> None:
         """Frame-rate gauges (at most 4 times a second: cheap per frame)."""
@@ -419,6 +469,8 @@ class AcquireService:
             if self.health is not None:
                 self.health.set_ready(False)
             if self.pipeline is not None and self.publisher is not None:
+                if self._source is not None:
+                    self._flush_batch(self._source)
                 res = self.pipeline.flush(self._last_index)
                 if self._source is not None:
                     self._account_frame(res, self._source)

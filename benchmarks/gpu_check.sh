@@ -36,6 +36,8 @@ run() {  # name, timeout, command...
   fi
 }
 run gpu_reconstruct 120 $PY benchmarks/gpu_reconstruct.py --device cuda
+# the whole acquisition in device batches at 1.5 objects/field (target >= 2,000 frames/s)
+run gpu_acquire     150 $PY benchmarks/gpu_acquire.py --device cuda
 run gpu_models      150 $PY benchmarks/gpu_models.py
 run gpu_infer       150 $PY benchmarks/gpu_infer.py --device cuda
 run gpu_explain     120 $PY benchmarks/gpu_explain.py

@@ -41,6 +41,7 @@ HEAVY = {
     "leukoflow.explain.methods", "leukoflow.explain.methods.base",
     "leukoflow.explain.methods.captum_methods", "leukoflow.explain.methods.lime",
     "leukoflow.research.evaluation", "leukoflow.research.finding",
+    "leukoflow.acquisition.batched",
 }
 
 
