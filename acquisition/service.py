@@ -35,7 +35,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from leukoflow.acquisition.pipeline import AcquisitionPipeline, FrameResult, PipelineConfig
+from leukoflow.acquisition.pipeline import (
+    AcquisitionPipeline,
+    FrameResult,
+    PipelineConfig,
+    TruthScorer,
+)
 from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher
 from leukoflow.acquisition.realtime import RealtimeMonitor
 from leukoflow.acquisition.sources import (
@@ -88,6 +93,10 @@ class AcquireConfig:
         Frames per device batch (GPU path).
     batch_max_delay_ms : float
         A device batch is processed at the latest this long after its first frame [ms].
+    score_truth : bool
+        Sources with ground truth (the simulator): score the acquisition against it while
+        it runs (one crop per fully crossing cell, duplicates, phase RMSE; the truth of
+        frames dropped at the source counts too) in the accounting's ``truth`` entry.
     crops_endpoint : str
         PUSH bind address for crops.
     collector_endpoint : str
@@ -131,6 +140,7 @@ class AcquireConfig:
     device: str = "cpu"
     batch_frames: int = 64
     batch_max_delay_ms: float = 20.0
+    score_truth: bool = True
     crops_endpoint: str = transport.DEFAULT_ENDPOINTS["crops"]
     collector_endpoint: str = transport.DEFAULT_ENDPOINTS["collector"]
     metrics_host: str = transport.LOOPBACK
@@ -144,6 +154,31 @@ class AcquireConfig:
     allow_remote: bool = False
     state_dir: str = ""
     journal: str = ""
+
+
+def truth_summary(scorer: TruthScorer) -> dict[str, Any]:
+    """The accounting's ``truth`` entry: yield figures against the simulator's truth."""
+    s = scorer.summary()
+
+    def short(d: dict) -> dict:
+        return {k: d[k] for k in ("n", "exactly_one", "missed", "multiple",
+                                  "yield_exactly_one")}
+
+    # coincidence and other losses per kind: fully crossing objects without a crop
+    loss: dict[str, dict[str, int]] = {}
+    for cid in scorer.full:
+        d = loss.setdefault(scorer.kind.get(cid, "?"), {"n": 0, "missed": 0, "multiple": 0})
+        d["n"] += 1
+        e = scorer.emitted[cid]
+        d["missed"] += e == 0
+        d["multiple"] += e > 1
+    return {"loss_by_kind": loss,
+            "full_crossing_cells": short(s["full_crossing_cells"]),
+            "resolvable_cells": short(s["resolvable_cells"]),
+            "full_crossing_leukocytes": short(s["full_crossing_leukocytes"]),
+            "duplicates": s["duplicates"], "unmatched_emitted": s["unmatched_emitted"],
+            "phase_rmse_rad": s["phase_rmse_rad"],
+            "missed_resolvable_kinds": s["missed_resolvable_kinds"]}
 
 
 def new_run_id() -> str:
@@ -185,6 +220,7 @@ class AcquireService:
         self._gauges_at = 0.0
         self._audits_seen: dict[str, int] = {}
         self._batch: list = []
+        self.scorer: TruthScorer | None = None
         self._batch_t0 = time.monotonic()
 
     # ------------------------------------------------------------------ control
@@ -245,6 +281,7 @@ class AcquireService:
                 **(rt.summary(found) if rt is not None else {}),
             },
             "stop_reason": self.stop_reason,
+            **({"truth": truth_summary(self.scorer)} if self.scorer is not None else {}),
         }
 
     # ------------------------------------------------------------------ main loop
@@ -285,6 +322,18 @@ class AcquireService:
             if own_source and not cfg.as_fast_as_possible:
                 # real time from the first frame of the run on (set-up is not a backlog)
                 src.pace(cfg.rate_hz, cfg.buffer_frames)
+            if cfg.score_truth and src.has_truth:
+                self.scorer = TruthScorer(pixel_um=self.pipeline.pixel_um,
+                                          true_phase=getattr(src, "true_phase", None))
+                if hasattr(src, "on_drop"):  # dropped frames held cells too
+                    prev = src.on_drop
+
+                    def on_drop(fr: Any, prev: Any = prev) -> None:
+                        self.scorer.observe_truth(list(fr.truth))
+                        if prev is not None:
+                            prev(fr)
+
+                    src.on_drop = on_drop
             self.realtime = RealtimeMonitor(src.nominal_rate_hz if src.paced else 0.0,
                                             warmup_s=cfg.warmup_s)
             self._set_rate_gauges(force=True)
@@ -394,6 +443,7 @@ class AcquireService:
                     self._flush_batch(src)
             else:
                 res = self.pipeline.process(raw)
+                self._score(raw, res)
                 self._account_frame(res, src)
             self._set_rate_gauges()
 
@@ -402,8 +452,16 @@ class AcquireService:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
-        for res in self.pipeline.process_batch(batch):
+        for raw, res in zip(batch, self.pipeline.process_batch(batch), strict=True):
+            self._score(raw, res)
             self._account_frame(res, src)
+
+    def _score(self, raw: Any, res: FrameResult | None) -> None:
+        if self.scorer is not None:
+            if raw is not None and raw.truth is not None:
+                self.scorer.observe_truth(raw.truth)
+            if res is not None:
+                self.scorer.observe_cells(res.cells)
 
     def _set_rate_gauges(self, force: bool = False) -> None:
         """Frame-rate gauges (at most 4 times a second: cheap per frame)."""
@@ -472,6 +530,7 @@ class AcquireService:
                 if self._source is not None:
                     self._flush_batch(self._source)
                 res = self.pipeline.flush(self._last_index)
+                self._score(None, res)
                 if self._source is not None:
                     self._account_frame(res, self._source)
             self.final = self.accounting()

@@ -169,6 +169,11 @@ def test_slowed_acquisition_counts_dropped_frames_and_reports_the_rate():
     # the dropped frames held cells (truth) and the estimate says so
     assert any(fr.truth for fr in dropped_truth)
     assert cam["cells_in_dropped_frames_estimate"] > 0
+    # scored live against the truth, dropped frames included
+    seen = {t.cell_id for fr in dropped_truth for t in fr.truth if t.fully_inside}
+    fc = final["truth"]["full_crossing_cells"]
+    assert fc["n"] >= len(seen) > 0
+    assert fc["exactly_one"] + fc["missed"] + fc["multiple"] == fc["n"]
     expo = svc.metrics.exposition().decode()
     assert f'leukoflow_frames_dropped_total{{reason="overrun"}} {float(n_drop)}' in expo
     assert "leukoflow_frame_rate_nominal_hertz 1000.0" in expo

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 BENCHMARKS = ("sim", "reconstruct", "acquire", "transport", "infer", "models", "explain", "e2e",
-              "triton", "drift")
+              "triton", "drift", "realtime")
 
 
 def load_benchmark(name: str):
