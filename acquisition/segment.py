@@ -451,10 +451,6 @@ class SegmentConfig:
         params = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
         return SEGMENTERS.create(self.name, **params)
 
-    def to_dict(self) -> dict:
-        """Plain dict (for metadata)."""
-        return dataclasses.asdict(self)
-
 
 def dcnum_thresh_segmenter(thresh: float = -6.0) -> ThresholdSegmenter:
     """The dcnum default brightfield segmenter ``thresh:t=-6:cle=1^f=1^clo=2``.
