@@ -65,6 +65,7 @@ def _register_all() -> None:
         bench,
         explain,
         infer,
+        info,
         keys,
         models,
         qc,
@@ -73,7 +74,8 @@ def _register_all() -> None:
         simulate,
     )
 
-    for mod in (simulate, reconstruct, acquire, infer, explain, run, models, bench, qc, keys):
+    for mod in (simulate, reconstruct, acquire, infer, explain, run, models, bench, qc, keys,
+                info):
         mod.register(app)
 
 

@@ -47,7 +47,11 @@ from leukoflow.core.service import StopSignals, control_message
 from leukoflow.core.vocabulary import DECISIONS
 from leukoflow.reports.report import write_run_report
 from leukoflow.run.liveview import StateFeed
-from leukoflow.run.preflight import check_model_crop_size
+from leukoflow.run.preflight import (
+    check_model_crop_size,
+    identity_summary,
+    run_pipeline_identity,
+)
 from leukoflow.run.qc_gate import qc_for_run, sim_params
 
 log = logging.getLogger(__name__)
@@ -541,6 +545,10 @@ def run_pipeline(opts: RunOptions, *, on_state: Callable[[dict], None] | None = 
               "metrics_ports": opts.metrics_ports(), "qc": qc,
               **sim_params(opts.source, opts.seed)}
     params["crop_check"] = crop_check
+    # what will run (identifier, hash, every parameter, model, versions), resolved with the
+    # acquisition child's environment; the recording and summary.json carry it from here
+    params["pipeline"] = run_pipeline_identity(opts.source, opts.model,
+                                               {**os.environ, **qc_env})
     (run_dir / "run_params.json").write_text(json.dumps(params, indent=1))
     specs = build_specs(opts, run_dir)
     if "source" in specs and qc_env:  # the acquisition uses the last passing QC's scale
@@ -679,5 +687,6 @@ def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "recording": summary.get("recording", {}),
         "duration_s": summary.get("supervisor", {}).get("duration_s"),
         "camera": camera_summary(summary.get("senders") or {}),
+        "pipeline": identity_summary((summary.get("params") or {}).get("pipeline") or {}),
     }
     return out
