@@ -229,7 +229,8 @@ class CropExtractor:
             if has_jumps(un, near):
                 method = "failed"  # the caller rejects the cell (reason "unwrap")
         self.stats[method] = self.stats.get(method, 0) + 1
-        bgmask = cap.valid & ~ndi.binary_dilation(cap.mask, iterations=c.bg_dilate_px)
+        near = ndi.binary_dilation(cap.mask, iterations=c.bg_dilate_px)
+        bgmask = cap.valid & ~near
         if bgmask.sum() >= 16:
             ref = float(np.median(un[bgmask]))
         else:
@@ -238,7 +239,8 @@ class CropExtractor:
         un[~cap.valid] = 0.0
         refocus = refocus_distance_um(un, cap.amplitude, cap.mask, pixel_um=c.pixel_um,
                                       wavelength_um=c.wavelength_um,
-                                      medium_index=c.medium_index)
+                                      medium_index=c.medium_index, region=near,
+                                      background=bgmask)
         if c.isolate_px > 0:
             un[~ndi.binary_dilation(cap.mask, iterations=c.isolate_px)] = 0.0
         feats = phase_features(un, cap.mask, pixel_um=c.pixel_um, wavelength_um=c.wavelength_um)

@@ -351,6 +351,8 @@ def refocus_distance_um(
     medium_index: float = DEFAULT_OPTICS.medium_index,
     dilate_px: int = 3,
     sigma_px: float = 1.0,
+    region: np.ndarray | None = None,
+    background: np.ndarray | None = None,
 ) -> float:
     """Focus distance of one cell [µm] from the transport-of-intensity equation (TIE).
 
@@ -383,6 +385,9 @@ def refocus_distance_um(
         most at the cell's rim).
     sigma_px : float
         Gaussian smoothing of intensity and phase before the Laplacian [px].
+    region, background : numpy.ndarray, optional
+        The fit region and the background pixels (for ``I0``) when the caller has them
+        (the crop extractor's dilated mask); default: from ``mask`` and ``dilate_px``.
 
     Returns
     -------
@@ -391,18 +396,26 @@ def refocus_distance_um(
     """
     if amplitude is None or not mask.any():
         return math.nan
-    inten = amplitude.astype(np.float64) ** 2
-    region = ndi.binary_dilation(mask, iterations=dilate_px)
-    outside = ~ndi.binary_dilation(region, iterations=1)
-    i0 = float(np.median(inten[outside])) if outside.sum() >= 16 else float(np.median(inten))
+    if region is None:
+        region = ndi.binary_dilation(mask, iterations=dilate_px)
+    if background is None:
+        background = ~ndi.binary_dilation(region, iterations=1)
+    # compute on a window around the region plus the smoothing kernels' reach
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    m = 2 + int(math.ceil(4 * sigma_px))
+    win = (slice(max(rows[0] - m, 0), rows[-1] + 1 + m),
+           slice(max(cols[0] - m, 0), cols[-1] + 1 + m))
+    inten = amplitude[win].astype(np.float64) ** 2
+    bg = amplitude[background].astype(np.float64) ** 2
+    i0 = float(np.median(bg)) if bg.size >= 16 else float(np.median(inten))
     if not (np.isfinite(i0) and i0 > 0):
         return math.nan
     rel = ndi.gaussian_filter(inten / i0 - 1.0, sigma_px)
-    lap = ndi.laplace(ndi.gaussian_filter(phase.astype(np.float64), sigma_px)) / pixel_um**2
-    lap_r = lap[region]
+    lap = ndi.laplace(ndi.gaussian_filter(phase[win].astype(np.float64), sigma_px))
+    lap_r = lap[region[win]] / pixel_um**2
     den = float((lap_r * lap_r).sum())
     if not den > 0:
         return math.nan
     k = wavelength_um / (2.0 * math.pi * medium_index)  # [µm]: I/I0 - 1 = -z·k·∇²φ
-    z = -float((rel[region] * lap_r).sum()) / (k * den)
+    z = -float((rel[region[win]] * lap_r).sum()) / (k * den)
     return -z
