@@ -230,6 +230,7 @@ class ExplainService:
                       "dropped_error": 0, "dropped_shutdown": 0, "dropped_shape": 0,
                       "rejected_messages": 0}
         self.crop_side: int | None = None  # the model's input size, known once loaded
+        self.class_names: tuple[str, ...] | None = None  # the model's classes, likewise
         self._lock = threading.Lock()
         self.out_dir = Path(self.config.run_dir) / "explanations"
         self.endpoint = self.config.endpoint
@@ -285,6 +286,7 @@ class ExplainService:
         for e in self.explainers:
             e.explain(np.zeros((1, s, s), np.float32), [0])
         self.crop_side = int(s)
+        self.class_names = tuple(self.bundle.class_names)
 
     def stop(self, timeout_s: float = 10.0) -> dict[str, int]:
         """Stop both threads (the current cell is finished), count leftovers, close.
@@ -404,6 +406,9 @@ class ExplainService:
         side = self.crop_side
         if side is not None and tuple(msg.array.shape[1:]) != (side, side):
             self._reject("shape")  # only crops of the model's size are explained
+            return
+        if self.class_names is not None and tuple(msg.header["classes"]) != self.class_names:
+            self._reject("class_mismatch")  # decided by another model: not explainable here
             return
         # a message larger than the backlog: its first cells would be dropped (oldest
         # first) as soon as they were queued; count them without building them

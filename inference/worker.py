@@ -385,7 +385,10 @@ class InferWorker:
             self._receive()
             now = time.monotonic()
             if now >= next_hb:  # also under full load
-                self._heartbeat()
+                try:
+                    self._heartbeat()
+                except Exception as exc:  # noqa: BLE001 - a report never ends the worker
+                    log.exception("heartbeat failed: %s", exc)
                 next_hb = now + self.config.heartbeat_s
             if self.batcher.ready(now):
                 self._launch(self.batcher.pop(now), be_pipelined)

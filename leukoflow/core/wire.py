@@ -194,7 +194,11 @@ def _check_floats(vals: Sequence, key: str, lo: float = -math.inf, hi: float = m
         return
     if not all(type(x) is float or type(x) is int for x in vals):
         raise WireError("field_type", f"{key} entries must be numbers")
-    if not math.isfinite(math.fsum(vals)):  # NaN/inf anywhere (or an overflowing sum)
+    try:
+        total = math.fsum(vals)
+    except OverflowError:  # finite values whose sum overflows (e.g. 1e308 + 1e308)
+        total = math.inf
+    if not math.isfinite(total):  # NaN/inf anywhere (or an overflowing sum)
         if not all(math.isfinite(x) for x in vals):
             raise WireError("non_finite", f"{key} has a non-finite entry")
     if min(vals) < lo or max(vals) > hi:
@@ -617,6 +621,10 @@ class Sender:
         return Message(h, array)
 
 
+#: counters saturate here (int64): sequence numbers are untrusted input
+_SATURATE = 2**63 - 1
+
+
 @dataclass
 class GapTracker:
     """Detect lost, duplicated and reordered messages per sender from sequence numbers.
@@ -654,13 +662,13 @@ class GapTracker:
             # a sender first seen at seq > 0: this receiver joined late (or shares the
             # sender's stream with others): it never owned those messages, so they are not
             # gaps; the collector's per-source completeness check decides what was lost
-            self.late_start += seq
+            self.late_start = min(self.late_start + seq, _SATURATE)
             missing = 0
         elif seq >= exp:
             missing = seq - exp
         else:
             self.duplicates += 1
             return 0
-        self.gaps += missing
+        self.gaps = min(self.gaps + missing, _SATURATE)  # a forged seq cannot overflow it
         self.expected[sender] = seq + 1
         return missing

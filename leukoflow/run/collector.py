@@ -102,6 +102,8 @@ log = logging.getLogger(__name__)
 
 EMITTER_ROLES: frozenset[str] = frozenset({"acquire", "acquisition", "replay"})
 
+F32_MAX = float(np.finfo(np.float32).max)
+
 #: One record per cell in the append-only cell log (``cells.bin``).
 CELL_DTYPE = np.dtype([
     ("id", "<i8"),          # cell id
@@ -425,7 +427,8 @@ class RunState:
         labels = header.get("labels")
         rec["label"] = labels if labels is not None else -2
         rec["conf"] = header["conf"]
-        rec["ood"] = header["ood_score"]
+        # the wire allows any finite score; the log keeps float32 (saturate, never inf)
+        rec["ood"] = np.clip(np.asarray(header["ood_score"], dtype=np.float64), -F32_MAX, F32_MAX)
         rec["p"] = np.asarray(probs, dtype=np.float32)
         rec = rec[new]
         self._count(rec)
