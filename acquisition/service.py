@@ -51,6 +51,7 @@ from leukoflow.acquisition.sources import (
     create_source,
 )
 from leukoflow.acquisition.sources.file import median_background
+from leukoflow.acquisition.sources.sim import LIVE_CONCENTRATION
 from leukoflow.core import transport
 from leukoflow.core.identity import claim, release
 from leukoflow.core.metrics import ServiceMetrics
@@ -69,6 +70,10 @@ class AcquireConfig:
         Source spec: ``sim``, ``file:PATH``, ``camera:opencv:INDEX``, ``camera:genicam``.
     seed : int
         Simulator seed (``sim`` source).
+    concentration : float
+        Sample density of the simulated instrument [objects per field of view] when the
+        source spec names none (``sim``, ``sim:SEED``); the default is the live default
+        :data:`leukoflow.acquisition.sources.sim.LIVE_CONCENTRATION` (docs/realtime.md).
     frames : int
         Stop after this many frames (0 = no limit).
     duration_s : float
@@ -131,6 +136,7 @@ class AcquireConfig:
 
     source: str = "sim"
     seed: int = 0
+    concentration: float = LIVE_CONCENTRATION
     frames: int = 0
     duration_s: float = 0.0
     rate_hz: float = 0.0
@@ -308,7 +314,8 @@ class AcquireService:
             self.control = AccountingPublisher(ctx, self.run_id, cfg.collector_endpoint)
             own_source = self._source is None
             if own_source:
-                self._source = create_source(cfg.source, seed=cfg.seed)
+                self._source = create_source(cfg.source, seed=cfg.seed,
+                                             concentration=cfg.concentration)
             src = self._source
             src.open()
             self.stall = StallMonitor(frame_interval_s=src.frame_interval_s or 0.002,

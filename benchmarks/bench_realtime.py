@@ -1,6 +1,6 @@
 """Real-time benchmark: ``leukoflow run`` with the camera paced at its frame rate, per density.
 
-For each sample density (objects per field of view; default 0.03, 0.3, 1.5, 3.0) the whole
+For each sample density (objects per field of view; default 0.03, 0.3, 0.5, 1.5, 3.0) the
 pipeline runs for a fixed time as a user runs it (acquisition paced at 500 frames/s, one
 inference worker, the explainer, the collector; real processes and sockets) and the run's
 own accounting gives, side by side:
@@ -37,8 +37,10 @@ from leukoflow.benchmarks.common import machine, row
 from leukoflow.core.transport import free_tcp_port
 
 CLI = [sys.executable, "-c", "from leukoflow.cli import main; main()"]
-#: Densities of the issue's trade-off table [objects per field of view].
-DENSITIES: tuple[float, ...] = (0.03, 0.3, 1.5, 3.0)
+#: Densities of the trade-off table [objects per field of view] (issue 15, plus the live default).
+DENSITIES: tuple[float, ...] = (0.03, 0.3, 0.5, 1.5, 3.0)
+#: Density of the side-by-side baseline run (the demo density of issue 15).
+BASELINE_DENSITY = 0.3
 #: Cells of the differential the time is computed for.
 TARGET_CELLS = 10_000
 
@@ -65,8 +67,9 @@ def _port_block(n: int) -> int:
 
 
 def one_run(density: float, duration_s: float, seed: int = 7, explain: bool = True,
-            extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One paced ``leukoflow run`` at ``density``; its summary figures."""
+            extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One paced ``leukoflow run`` at ``density``; its summary figures (``env``: extra
+    environment, e.g. a ``LEUKOFLOW_ACQUIRE_PIPELINE_*`` setting)."""
     out = Path(tempfile.mkdtemp(prefix=f"bench_realtime_{density:g}_"))
     load0 = os.getloadavg()
     args = [*CLI, "run", "--source", f"sim:{seed}:{density:g}", "--duration", str(duration_s),
@@ -78,7 +81,7 @@ def one_run(density: float, duration_s: float, seed: int = 7, explain: bool = Tr
     try:
         res = subprocess.run(args, capture_output=True, text=True,
                              timeout=duration_s + 600,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         if res.returncode != 0:
             raise RuntimeError(f"leukoflow run at {density} failed: {res.stderr[-2000:]}")
         s = json.loads(res.stdout)
@@ -137,7 +140,22 @@ def run(quick: bool = False, duration_s: float | None = None,
     dens = densities or ((0.3, 1.5) if quick else DENSITIES)
     dur = duration_s or (20.0 if quick else 90.0)
     runs = [one_run(c, dur, seed=seed) for c in dens]
-    rows = []
+    # baseline: the same pipeline without the empty-frame prescreen (every frame reconstructed)
+    base_c = BASELINE_DENSITY
+    base = one_run(base_c, dur, seed=seed,
+                   env={"LEUKOFLOW_ACQUIRE_PIPELINE_PRESCREEN_ENABLED": "false"})
+    base["baseline"] = "prescreen off"
+    with_ps = next((r for r in runs if r["density"] == base_c), None)
+    if with_ps is None:
+        with_ps = one_run(base_c, dur, seed=seed)
+        runs.append(with_ps)
+    rows = [row(f"acquisition CPU per frame, prescreen (c={base_c:g})",
+                with_ps["cpu_ms_per_frame"] or float("nan"), "ms",
+                "every frame reconstructed", base["cpu_ms_per_frame"], "",
+                higher_is_better=False),
+            row(f"frames/s taken, prescreen (c={base_c:g})", with_ps["steady_hz"] or 0.0,
+                "frames/s", "every frame reconstructed", base["steady_hz"] or None,
+                "500 frames/s")]
     for r in runs:
         tag = f" (c={r['density']:g})"
         nominal = r["nominal_hz"] or 500.0
@@ -158,8 +176,8 @@ def run(quick: bool = False, duration_s: float | None = None,
                 target="<= 2 pp at 10,000 cells"),
             row("latency p99 from capture" + tag, r["latency_p99_s"] or float("nan"), "s"),
         ]
-    return {"machine": machine(), "cpus": os.cpu_count(), "runs": runs, "rows": rows,
-            "target_cells": TARGET_CELLS}
+    return {"machine": machine(), "cpus": os.cpu_count(), "runs": runs, "baseline": base,
+            "rows": rows, "target_cells": TARGET_CELLS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     hdr = ("objects/field", "load", "frames/s (of 500)", "dropped", "CPU ms/frame",
            "cells/s", "min to 10k", "one-crop yield", "max err pp (±CI)", "p50/p99 ms")
     print(" | ".join(hdr))
-    for r in res["runs"]:
+    for r in [*res["runs"], res["baseline"]]:
         def f(v: Any, fmt: str) -> str:
             return "–" if v is None else format(v, fmt)
         print(" | ".join([
-            f"{r['density']:g}", f"{r['load_before'][0]:.1f}-{r['load_after'][0]:.1f}",
+            f"{r['density']:g}" + (f" ({r['baseline']})" if r.get("baseline") else ""),
+            f"{r['load_before'][0]:.1f}-{r['load_after'][0]:.1f}",
             f(r["steady_hz"], ".0f"), f(r["frames_dropped_fraction"], ".1%"),
             f(r["cpu_ms_per_frame"], ".2f"), f(r["cells_per_s_classified"], ".1f"),
             f(r["minutes_to_10k_counted"], ".1f"), f(r["yield_full_crossing_cells"], ".4f"),
