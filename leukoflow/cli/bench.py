@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 BENCHMARKS = ("sim", "reconstruct", "acquire", "transport", "infer", "models", "explain", "e2e",
-              "triton", "drift", "realtime")
+              "triton", "drift", "realtime", "faults", "fuzz", "soak", "overload")
 
 
 def load_benchmark(name: str):
