@@ -447,6 +447,16 @@ class InferWorker:
         except Exception as exc:  # noqa: BLE001 - one message never ends the worker
             self._handler_failed(msg, exc)
 
+    def _new_run(self) -> None:
+        """Crops of a new run: finish the old run's cells, send its totals, and count the new
+        run from zero (the collector keeps one accounting per run; a worker may serve run after
+        run)."""
+        log.info("run %s ends here: totals sent, counting afresh", self._last_run)
+        self._drain()
+        self._send_totals()
+        self.accounting = Accounting(gaps=self.accounting.gaps)
+        self.differential = Differential(self.class_names)
+
     def _handler_failed(self, msg: wire.Message, exc: BaseException) -> None:
         """Error boundary of one message: its cells (unless the batcher already owns them)
         are rejected with reason ``handler_error``; the worker goes on."""
@@ -469,6 +479,8 @@ class InferWorker:
     def _dispatch(self, msg: wire.Message, frames: list[Any], t_recv: int) -> None:
         h = msg.header
         if h["run"]:
+            if self._last_run and h["run"] != self._last_run and msg.kind == "crops":
+                self._new_run()
             self._last_run = h["run"]
         missing = self.accounting.gaps.observe(h["sender"], h["seq"])
         if missing:

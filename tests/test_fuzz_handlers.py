@@ -148,3 +148,26 @@ def test_extreme_crop_is_rejected_alone_and_a_failing_decision_step_rejects_one_
     assert [(e.header["stats"]["reason"], e.header["stats"]["ids"]) for e in got
             if e.kind == "control"] == [("handler_error", [20])]
     assert h.worker.accounting.balanced(h.worker.batcher.pending)
+
+
+def test_worker_counts_each_run_apart(worker) -> None:
+    """A worker serving run after run (systemd): the old run's totals are sent when the new
+    run's crops arrive, and the new run is counted from zero."""
+    import numpy as np
+
+    from leukoflow.core import wire
+
+    h = worker
+    x = np.random.default_rng(1).normal(0, 1, (2, h.side, h.side)).astype(np.float32)
+    for run, first in (("run-1", 100), ("run-2", 200)):
+        s = wire.Sender(run, "acquire")
+        h.worker._handle(wire.encode(s.message("crops", x, frame=0, ids=[first, first + 1],
+                                               bbox=[[0, 0, 1, 1]] * 2, cum=0)), 0)
+        h.worker._drain()
+    got = _drain_sink(h)
+    totals = [m for m in got if m.kind == "control" and m.header["stats"].get("event") == "totals"]
+    runs = [m.header["run"] for m in totals]
+    assert "run-1" in runs and "run-2" not in runs  # (the run before, too, if there was one)
+    assert totals[runs.index("run-1")].header["stats"]["received_cells"] == 2
+    assert h.worker.accounting.received_cells == 2  # run-2 only
+    assert {m.header["run"] for m in got if m.kind == "results"} == {"run-1", "run-2"}

@@ -204,3 +204,15 @@ def test_runs_root_serves_run_after_run(tmp_path) -> None:
     # a restarted collector resumes the unfinished run
     again = Collector(cfg)
     assert again.state.run_id == "run-b" and again.state.diff.classified == 18
+
+
+def test_reports_about_another_run_do_not_count() -> None:
+    st = RunState(run_id="r2")
+    # a long-lived worker's totals of the run before, then its first report of this run
+    st.ingest_control(control("accounting", "infer-1-w", {"event": "totals",
+                                                          "rejected": {"shape": 5}}, run="r1"))
+    st.ingest_control(control("accounting", "infer-1-w", {"event": "totals",
+                                                          "rejected": {"shape": 1}}, run="r2",
+                              seq=1))
+    assert st.accounting()["rejected"] == {"infer:shape": 1}
+    assert "infer-1-w" in st.peers  # heard from: alive

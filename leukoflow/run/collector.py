@@ -548,6 +548,13 @@ class RunState:
         sender = str(header.get("sender", "?"))
         seq = int(header.get("seq", 0))
         stats = header.get("stats", {}) or {}
+        run = header.get("run", "")
+        if self.run_id and run and run != self.run_id and cmd != "stop":
+            # a report about another run (a worker's totals of the run before): it is alive,
+            # but its counts are not this run's
+            if sender in self.peers:
+                self.peers[sender]["t"] = time.monotonic()
+            return
         if cmd in ("accounting", "eos", "heartbeat", "hello"):
             self._heard(sender, _role(sender), stats, cmd, time.monotonic())
         if cmd in ("accounting", "eos", "heartbeat"):
