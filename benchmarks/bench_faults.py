@@ -47,8 +47,13 @@ def run(quick: bool = False, seed: int = 100) -> dict[str, Any]:
     base_rate = None
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
         for k, (name, targets) in enumerate(FAULTS):
-            res = run_fault(name, targets, Path(tmp) / name, _ports(), seed=seed + k,
-                            first=first, after=after, explain=True, timeout_s=3600)
+            try:
+                res = run_fault(name, targets, Path(tmp) / name, _ports(), seed=seed + k,
+                                first=first, after=after, explain=True, timeout_s=3600)
+            except RuntimeError as exc:  # report it and go on with the next fault
+                out.append({"fault": name, "error": str(exc)})
+                rows.append(row(f"{name}: run failed ({str(exc)[:120]})", float("nan"), ""))
+                continue
             a = analyse(res)
             rate = (res.summary.get("throughput") or {}).get("mean_cells_per_s") or 0.0
             a["cells_per_s"] = rate

@@ -28,6 +28,7 @@ from typing import Any
 from leukoflow.benchmarks.common import machine, row
 from leukoflow.benchmarks.fuzz import CollectorHarness, ExplainHarness, WorkerHarness, fuzz, message
 from leukoflow.core import wire
+from leukoflow.models.artifact import load_artifact
 
 
 def _decode_only(kinds: tuple[str, ...], n: int, side: int, seed: int) -> float:
@@ -44,8 +45,6 @@ def _decode_only(kinds: tuple[str, ...], n: int, side: int, seed: int) -> float:
 
 def run(quick: bool = False, n: int | None = None, seed: int = 1) -> dict[str, Any]:
     """Fuzz each handler with ``n`` messages (default 1,000,000; quick 20,000)."""
-    from leukoflow.models.artifact import load_artifact
-
     n = n or (20_000 if quick else 1_000_000)
     # every rejected message is logged by the services: keep the benchmark's output readable
     logging.getLogger("leukoflow").setLevel(logging.CRITICAL)

@@ -37,10 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher
 from leukoflow.benchmarks.bench_soak import proc_sample
 from leukoflow.benchmarks.common import machine, row
 from leukoflow.benchmarks.faults import CLI
 from leukoflow.core.transport import free_tcp_port
+from leukoflow.models.artifact import load_artifact
 
 CELLS_PER_MESSAGE = 8
 
@@ -72,9 +74,6 @@ def _cells(n: int, side: int, rng: np.random.Generator, first: int) -> list[Any]
 def run(quick: bool = False) -> dict[str, Any]:
     """Capacity, 2x overload, recovery (see the module docstring)."""
     import zmq
-
-    from leukoflow.acquisition.publisher import AccountingPublisher, CropPublisher
-    from leukoflow.models.artifact import load_artifact
 
     t_cap, t_over, t_rec = (10.0, 20.0, 15.0) if quick else (20.0, 60.0, 30.0)
     side = int(load_artifact("lenet5-sim").card["input_size"])

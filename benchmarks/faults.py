@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from leukoflow.run.collector import read_cell_log, read_journal
+
 #: ``leukoflow run`` children that can be killed: name -> how to find it in its command line
 TARGETS = ("source", "infer-0", "infer-1", "explain", "collector")
 
@@ -200,6 +202,7 @@ def run_fault(name: str, targets: list[str], run_dir: Path, port_args: list[str]
             time.sleep(0.2)
         raise TimeoutError(f"{name}: {n} emitted cells not reached (last {last})")
 
+    failure: BaseException | None = None
     try:
         base = wait_cells(1)
         for k, target in enumerate(targets):
@@ -229,6 +232,8 @@ def run_fault(name: str, targets: list[str], run_dir: Path, port_args: list[str]
             kill.recovery_s = time.monotonic() - t_kill
             base = emitted() or kill.emitted_at_kill
         wait_cells(base + after)
+    except (TimeoutError, RuntimeError) as exc:
+        failure = exc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C: stop the source, drain, report
@@ -245,6 +250,9 @@ def run_fault(name: str, targets: list[str], run_dir: Path, port_args: list[str]
         except (OSError, ValueError):
             res.summary = {}
         del out
+    if failure is not None:  # say why, with the run's own last words
+        raise RuntimeError(f"{failure}; leukoflow run exited {res.returncode}: "
+                           f"{res.stderr_tail[-1500:]}") from failure
     return res
 
 
@@ -261,8 +269,6 @@ def _journal(path: Path) -> list[dict[str, Any]]:
 
 def analyse(res: FaultRun) -> dict[str, Any]:
     """Check every published cell of a :class:`FaultRun` against what the run reported."""
-    from leukoflow.run.collector import read_cell_log, read_journal
-
     run_dir = res.run_dir
     pub = _journal(run_dir / "publish.jsonl")
     unsent = {(x["sender"], x["unsent"]) for x in pub if "unsent" in x}

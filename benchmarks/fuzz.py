@@ -28,7 +28,11 @@ import msgpack
 import numpy as np
 
 from leukoflow.core import wire
+from leukoflow.core.jsonutil import dumps
 from leukoflow.core.vocabulary import CLASS_NAMES, DECISIONS
+from leukoflow.explain.service import ExplainConfig, ExplainService
+from leukoflow.inference.worker import InferConfig, InferWorker
+from leukoflow.run.collector import Collector, CollectorConfig
 
 ROLES = ("acquire", "infer", "replay", "supervisor", "collector", "x")
 EDGE_INTS = (0, 1, 2, 7, 255, 2**31 - 1, 2**36, 2**36 + 1, 2**53 - 1, 2**53, 2**63 - 1)
@@ -225,8 +229,6 @@ class CollectorHarness(Harness):
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__()
-        from leukoflow.run.collector import Collector, CollectorConfig
-
         self.coll = Collector(CollectorConfig(results="", live="", metrics_port=-1,
                                               run_dir=str(run_dir), loss_timeout_s=0.1,
                                               silence_s=0.5))
@@ -250,8 +252,6 @@ class CollectorHarness(Harness):
 
     def check(self) -> None:
         """Periodic work of the loop and the invariants of the accounting."""
-        from leukoflow.core.jsonutil import dumps
-
         st = self.coll.state
         try:
             st.check_liveness()
@@ -275,8 +275,6 @@ class WorkerHarness(Harness):
     def __init__(self, artifact: Any, workdir: str | Path, backend: str = "torch-cpu") -> None:
         super().__init__()
         import zmq
-
-        from leukoflow.inference.worker import InferConfig, InferWorker
 
         workdir = Path(workdir)
         self.ctx = zmq.Context()
@@ -349,7 +347,6 @@ class ExplainHarness(Harness):
 
         from leukoflow.explain.methods import EXPLAINERS
         from leukoflow.explain.model import ModelBundle
-        from leukoflow.explain.service import ExplainConfig, ExplainService
         from leukoflow.models.architectures import LeNet5
 
         torch.manual_seed(0)
