@@ -48,6 +48,10 @@ class RealtimeMonitor:
         self.t_first: float | None = None
         self.cpu_first: float | None = None
         self._steady_cpu: float | None = None
+        #: CPU time spent inside the source's read (a simulated camera renders frames
+        #: there, and advances its flow through dropped frames) [s]; added by the caller
+        self.source_cpu_s = 0.0
+        self._steady_source_cpu = 0.0
         self._steady: tuple[float, int, int] | None = None  # (t, taken, dropped) at warm-up end
         self._samples: deque[tuple[float, int]] = deque()
         self._last_sample = 0.0
@@ -84,6 +88,7 @@ class RealtimeMonitor:
         if self._steady is None and not self.warming_up(now):
             self._steady = (now, self.taken, self.dropped_total)
             self._steady_cpu = time.process_time()
+            self._steady_source_cpu = self.source_cpu_s
         if now - self._last_sample >= 0.1:
             self._last_sample = now
             self._samples.append((now, self.taken))
@@ -133,6 +138,13 @@ class RealtimeMonitor:
         n = self.taken - self._steady[1]
         return (time.process_time() - self._steady_cpu) / n if n > 0 else None
 
+    def source_cpu_per_frame_s(self) -> float | None:
+        """CPU time inside the source per frame taken since the warm-up [s]."""
+        if self._steady is None:
+            return None
+        n = self.taken - self._steady[1]
+        return (self.source_cpu_s - self._steady_source_cpu) / n if n > 0 else None
+
     def steady_dropped(self) -> int:
         """Frames dropped since the end of the warm-up."""
         return self.dropped_total - (self._steady[2] if self._steady else self.dropped_total)
@@ -174,6 +186,8 @@ class RealtimeMonitor:
             "backlog_max": self.backlog_max,
             "cells_in_dropped_frames_estimate": self.cells_in_dropped_frames(cells),
             "cpu_ms_per_frame": None if (c := self.cpu_per_frame_s()) is None else 1e3 * c,
+            "source_cpu_ms_per_frame": None if (c := self.source_cpu_per_frame_s()) is None
+            else 1e3 * c,
         }
 
 
@@ -215,5 +229,6 @@ def camera_summary(senders: dict[str, Any]) -> dict[str, Any] | None:
             float(c.get("cells_in_dropped_frames_estimate", 0.0)) for c in cams)),
         "backlog_max": max(int(c.get("backlog_max", 0)) for c in cams),
         "cpu_ms_per_frame": last.get("cpu_ms_per_frame"),
+        "source_cpu_ms_per_frame": last.get("source_cpu_ms_per_frame"),
         "processes": len(cams),
     }

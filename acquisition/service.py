@@ -411,7 +411,9 @@ class AcquireService:
                 self.control.send("accounting", self.accounting())
                 next_acct = now + cfg.accounting_interval_s
             try:
+                c0 = time.thread_time()
                 raw = src.read(timeout_s=0.1)
+                self.realtime.source_cpu_s += time.thread_time() - c0
             except EndOfStream:
                 self.stop("end_of_stream")
                 break

@@ -171,6 +171,9 @@ def test_slowed_acquisition_counts_dropped_frames_and_reports_the_rate():
     assert cam["frames_captured"] == 150 + n_drop
     assert cam["frames_missing"] == 0 and cam["dropouts"] == 0  # explained, not the camera
     assert cam["steady_hz"] < 1000.0 * 0.5
+    # CPU per frame (load-robust), the simulated camera's share of it measured apart
+    assert cam["cpu_ms_per_frame"] > 0
+    assert 0 < cam["source_cpu_ms_per_frame"] < cam["cpu_ms_per_frame"]
     # the dropped frames held cells (truth) and the estimate says so
     assert any(fr.truth for fr in dropped_truth)
     assert cam["cells_in_dropped_frames_estimate"] > 0
