@@ -17,6 +17,7 @@ the last window and on all cells of the run so far — as a z statistic against 
 
     z = max(0, |mean − μ_ref| − ε) / sqrt(σ_ref² / n + σ_ref² / n_ref + τ²)
 
+(rates on Anscombe's arcsine scale, where σ = 1/2 and rare-event tails stay binomial-like)
 with ε = ``margin_sd``·σ_ref the smallest change that counts as drift, and τ the spread of
 the mean between independent reference sessions (simulator seeds: a new background and
 sample each), so that what differs between normal runs is not called drift. The alarm
@@ -453,14 +454,20 @@ class DriftMonitor:
             se = math.sqrt(sd * sd / n + sd * sd / float(r["n"]) + tau * tau)
             eps = self.cfg.margin_sd * sd
             shift_sd = diff / sd
-        else:
-            p0 = float(r["p"])
+        else:  # proportions on Anscombe's arcsine scale: variance 1/(4n), tails that
+            # stay close to the binomial's even for rare events (a 1 % rate in 100 cells)
+            p0, n0 = float(r["p"]), float(r["n"])
             mean = s / n
-            var = max(p0 * (1 - p0), 1.0 / float(r["n"]))
+            y = math.asin(math.sqrt((s + 0.375) / (n + 0.75)))
+            y0 = math.asin(math.sqrt((p0 * n0 + 0.375) / (n0 + 0.75)))
+            tau_y = tau / (2.0 * math.sqrt(max(p0 * (1 - p0), 1.0 / n0)))  # delta method
             diff = mean - p0
-            se = math.sqrt(var / n + var / float(r["n"]) + tau * tau)
-            eps = self.cfg.margin_sd * math.sqrt(var)
-            shift_sd = diff / math.sqrt(var)
+            se = math.sqrt(0.25 / n + 0.25 / n0 + tau_y * tau_y)
+            eps = self.cfg.margin_sd * 0.5
+            shift_sd = (y - y0) / 0.5
+            z = max(0.0, abs(y - y0) - eps) / se
+            return {"n": int(n), "live": float(mean), "ref": p0, "diff": float(diff),
+                    "shift_sd": float(shift_sd), "z": float(z)}
         z = max(0.0, abs(diff) - eps) / se
         return {"n": int(n), "live": float(mean), "ref": float(r.get("mean", r.get("p"))),
                 "diff": float(diff), "shift_sd": float(shift_sd), "z": float(z)}
