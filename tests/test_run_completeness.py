@@ -216,3 +216,17 @@ def test_reports_about_another_run_do_not_count() -> None:
                               seq=1))
     assert st.accounting()["rejected"] == {"infer:shape": 1}
     assert "infer-1-w" in st.peers  # heard from: alive
+
+
+def test_run_latency_percentiles_in_bounded_memory() -> None:
+    from leukoflow.run.collector import LatencyHistogram
+
+    h = LatencyHistogram()
+    x = np.random.default_rng(0).lognormal(-4, 1.5, 200_000)
+    size = h.counts.nbytes
+    for chunk in np.array_split(x, 50):
+        h.add(chunk)
+    h.add([np.nan, np.inf])  # ignored
+    assert h.counts.nbytes == size and h.n == x.size and h.max == x.max()
+    for q in (50, 90, 99):
+        assert abs(h.percentile(q) / np.percentile(x, q) - 1) < 0.015
