@@ -322,10 +322,14 @@ class RunOptions:
         Run folder ('' = ``runs/<run id>``).
     explain : bool
         Start the explainer.
-    backend, model : str
-        Inference backend and model artifact ('' = worker defaults).
-    zmq_base_port, metrics_base_port : int
-        Port layout (see module docstring).
+    backend : str
+        Inference backend ('' = the worker's default).
+    model : str
+        Model artifact name or folder ('' = the worker's default).
+    zmq_base_port : int
+        ZeroMQ ports: +0 crops, +1 collector, +2 explainer, +3 live state, +4 recording tap.
+    metrics_base_port : int
+        Metrics ports: +0 acquire, +1 infer (worker i > 0: +10+i), +2 explain, +3 collector.
     replay_rate : float or None
         Replay: cells/s (None with ``replay_realtime`` False: as fast as possible).
     rate_hz : float or None
@@ -353,6 +357,10 @@ class RunOptions:
         key set made in ``<run folder>/keys``).
     socket_dir : str
         Folder of the ``ipc`` sockets ('' = a new private folder, removed after the run).
+    run_id : str
+        Run id ('' = generated from the time).
+    extra_acquire_args : list of str
+        Further ``leukoflow acquire`` arguments of the source process.
     """
 
     source: str = "sim"
