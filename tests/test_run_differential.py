@@ -15,7 +15,8 @@ import json
 
 import numpy as np
 import pytest
-from test_run_e2e import _cli, _ports
+from helpers import run_port_args
+from test_run_e2e import _cli
 
 from leukoflow.acquisition.sim.dataset import make_crop_dataset
 from leukoflow.core.rtdc import write_crop_dataset
@@ -46,7 +47,7 @@ def test_live_differential_on_a_simulated_blood_mix(tmp_path) -> None:
     write_crop_dataset(data, x, y, kinds)
     rec = tmp_path / "mix-rec.rtdc"
     s = json.loads(_cli("replay", str(data), "--record", str(rec), "--out",
-                        str(tmp_path / "run"), "--json", *_ports()).stdout)
+                        str(tmp_path / "run"), "--json", *run_port_args()).stdout)
     acc = s["accounting"]
     n = len(y)
     assert acc["emitted"] == n and acc["balanced"] and acc["dropped_total"] == 0
