@@ -103,9 +103,10 @@ class CropPublisher:
         :mod:`leukoflow.core.identity`).
     journal : str
         Path of a publish journal ('' = none): one JSON line per crop message *before* it
-        is sent (``sender``, ``seq``, ``cum``, ``ids``, ``truth_ids``), and ``{"unsent":
-        seq}`` when it was then dropped; an audit trail of what left acquisition (the fault
-        suite checks every cell against it).
+        is sent (``sender``, ``seq``, ``cum``, ``ids``, ``truth_ids``), and ``{"sender":
+        ..., "unsent": seq}`` when it was then dropped (the sequence number is used again);
+        an audit trail of what left acquisition (the fault suite checks every cell against
+        it).
     """
 
     def __init__(self, ctx: Any, run: str, endpoint: str = DEFAULT_CROPS_ENDPOINT, *,
@@ -155,7 +156,8 @@ class CropPublisher:
         # the accounting already reports (no double counting)
         self.sender.seq -= 1
         if self._journal is not None:
-            self._journal.write(json.dumps({"unsent": msg.seq}) + "\n")
+            self._journal.write(json.dumps({"sender": msg.header["sender"],
+                                            "unsent": msg.seq}) + "\n")
         self.dropped["backpressure"] += len(cells)
         return False
 

@@ -23,20 +23,12 @@ from typing import Any
 
 from leukoflow.benchmarks.common import machine, row
 from leukoflow.benchmarks.faults import analyse, loss_bound_cells, run_fault
-from leukoflow.core.transport import free_tcp_port
+from leukoflow.core.transport import run_port_args
 
 FAULTS: tuple[tuple[str, list[str]], ...] = (
     ("none", []), ("acquire", ["source"]), ("infer-0", ["infer-0"]), ("infer-1", ["infer-1"]),
     ("explain", ["explain"]), ("collector", ["collector"]),
 )
-
-
-def _ports() -> list[str]:
-    for _ in range(50):
-        z, m = free_tcp_port(), free_tcp_port()
-        if z + 5 < 65535 and m + 15 < 65535 and abs(z - m) > 20:
-            return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
-    raise RuntimeError("no free ports")
 
 
 def run(quick: bool = False, seed: int = 100) -> dict[str, Any]:
@@ -48,7 +40,7 @@ def run(quick: bool = False, seed: int = 100) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
         for k, (name, targets) in enumerate(FAULTS):
             try:
-                res = run_fault(name, targets, Path(tmp) / name, _ports(), seed=seed + k,
+                res = run_fault(name, targets, Path(tmp) / name, run_port_args(), seed=seed + k,
                                 first=first, after=after, explain=True, timeout_s=3600)
             except RuntimeError as exc:  # report it and go on with the next fault
                 out.append({"fault": name, "error": str(exc)})

@@ -271,14 +271,12 @@ def analyse(res: FaultRun) -> dict[str, Any]:
     """Check every published cell of a :class:`FaultRun` against what the run reported."""
     run_dir = res.run_dir
     pub = _journal(run_dir / "publish.jsonl")
-    unsent = {(x["sender"], x["unsent"]) for x in pub if "unsent" in x}
     msgs = {}
-    for x in pub:
+    for x in pub:  # in the order written: a drop follows its message, a retry comes later
         if "unsent" in x:
-            continue
-        key = (x["sender"], x["seq"])
-        if key not in unsent:
-            msgs[key] = x  # the last try of a sequence number that was sent
+            msgs.pop((x["sender"], x["unsent"]), None)  # dropped at the source, not sent
+        else:
+            msgs[(x["sender"], x["seq"])] = x
     all_ids = [i for m in msgs.values() for i in m["ids"]]
     cells = read_cell_log(run_dir / "cells.bin")
     counted = cells["id"].astype(np.int64)

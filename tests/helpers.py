@@ -25,6 +25,7 @@ import numpy as np
 from leukoflow.acquisition.sim import make_crop_dataset
 from leukoflow.core import transport, wire
 from leukoflow.core.transport import free_tcp_port as free_port
+from leukoflow.core.transport import run_port_args
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.inference.decision import rule_from_artifact
 
@@ -39,15 +40,6 @@ __all__ = ["free_port", "endpoint", "run_port_args", "http_get", "make_crops", "
 def endpoint() -> str:
     """A free loopback tcp endpoint."""
     return transport.tcp_endpoint(free_port())
-
-
-def run_port_args() -> list[str]:
-    """``leukoflow run`` flags for free, non-overlapping ZeroMQ and metrics port ranges."""
-    for _ in range(50):
-        z, m = free_port(), free_port()
-        if z + 5 < 65535 and m + 15 < 65535 and abs(z - m) > 20:
-            return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
-    raise RuntimeError("no free ports")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

@@ -17,11 +17,11 @@ installs it) and skip otherwise.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +39,8 @@ import yaml
 
 from leukoflow.cli import app
 from leukoflow.core.metrics import METRIC_NAMES, HealthServer, ServiceMetrics
+from leukoflow.core.transport import free_port_block
+from leukoflow.core.transport import free_tcp_port as free_port
 from leukoflow.core.vocabulary import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,33 +66,6 @@ def require_binary(name: str) -> str:
     """Path of ``name`` (from Debian's prometheus package); NOT RUN locally without it, a
     failure under CI (tests/sysdeps.py)."""
     return sysdeps.binary(name, package="prometheus")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(n: int) -> int:
-    """First of ``n`` consecutive free loopback ports (``leukoflow run`` takes base ports)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no block of {n} free ports found")
 
 
 # --------------------------------------------------------------------------- stand-ins
@@ -136,6 +111,12 @@ class StandIn:
         for d in ("counted", "uncertain", "ood"):
             i["leukoflow_decisions_total"].labels(d)
         c["leukoflow_child_restarts_total"].labels("infer-0")
+        c["leukoflow_run_cells_lost"].labels("infer", "worker_died").set(0)
+        c["leukoflow_drift_enabled"].set(1)
+        c["leukoflow_drift_alarm"].set(0)
+        c["leukoflow_differential_valid"].set(1)
+        c["leukoflow_qc_status"].set(1)
+        c["leukoflow_qc_magnification"].set(1.0)
         e["leukoflow_explanations_total"].labels("lime")
 
     def _feed(self) -> None:
@@ -199,6 +180,12 @@ class StandIn:
             total = sum(counted.values())
             c["leukoflow_run_cells_total"].labels("counted").inc(10)
             c["leukoflow_recorder_events_total"].inc(10)
+            c["leukoflow_run_cells_in_flight"].set(rng.randint(0, 20))
+            scores = {("size", "all"): rng.uniform(0, 0.3),
+                      ("dry_mass", "all"): rng.uniform(0, 0.3)}
+            for (feat, group), v in scores.items():
+                c["leukoflow_drift_score"].labels(feat, group).set(v)
+            c["leukoflow_drift_max_score"].set(max(scores.values()))
             for cls, n in counted.items():
                 p = n / total if total else 0.0
                 half = 1.96 * (p * (1 - p) / total) ** 0.5 if total else 0.0
@@ -216,6 +203,52 @@ class StandIn:
             srv.close()
 
 
+class TritonStandIn:
+    """Triton's own ``/metrics`` (job ``triton``): the ``nv_inference_*`` counters of one model
+    with Triton's names (no ``_total`` suffix), growing as a server under load would.
+
+    Stand-in because the real server (tests/test_infer_triton.py) is not part of this test;
+    the families and labels are those Triton 2.51 exports (checked there).
+    """
+
+    def __init__(self) -> None:
+        t0 = time.monotonic()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                n = int(100 * (time.monotonic() - t0))  # 100 requests/s, 10 cells each
+                lab = 'model="lenet5-sim",version="1"'
+                body = "".join(
+                    f"# TYPE {name} counter\n{name}{{{lab}}} {value}\n" for name, value in (
+                        ("nv_inference_request_success", n),
+                        ("nv_inference_request_failure", 0),
+                        ("nv_inference_count", 10 * n), ("nv_inference_exec_count", n),
+                        ("nv_inference_queue_duration_us", 150 * n),
+                        ("nv_inference_compute_input_duration_us", 40 * n),
+                        ("nv_inference_compute_infer_duration_us", 900 * n),
+                        ("nv_inference_compute_output_duration_us", 30 * n)))
+                body += f"# TYPE nv_inference_pending_request_count gauge\n" \
+                        f"nv_inference_pending_request_count{{{lab}}} 2\n"
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # --------------------------------------------------------------------------- Prometheus
 def write_config(tmp: Path, ports: dict[str, int]) -> Path:
     """deploy/prometheus/prometheus.yml with 1 s intervals and the services on ``ports``."""
@@ -226,7 +259,7 @@ def write_config(tmp: Path, ports: dict[str, int]) -> Path:
     for job in cfg["scrape_configs"]:
         service = job["job_name"].removeprefix("leukoflow-")
         if service not in ports:
-            continue  # Prometheus' self-scrape
+            continue  # Prometheus' self-scrape; Triton where the test runs none
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[service]}"]}]
         jobs.append(job)
     cfg["scrape_configs"] = jobs
@@ -301,9 +334,13 @@ def expressions() -> list[tuple[str, str]]:
     return out
 
 
-def wait_all_return_data(base: str, timeout: float, alive: Any = None) -> list[str]:
-    """Query every expression until each returns at least one series; returns the empty ones."""
-    pending = dict(expressions())
+def wait_all_return_data(base: str, timeout: float, alive: Any = None,
+                         skip: str = "") -> list[str]:
+    """Query every expression until each returns at least one series; returns the empty ones.
+
+    ``skip``: leave out the expressions containing this text (a tier the test does not run).
+    """
+    pending = {w: e for w, e in expressions() if not (skip and skip in e)}
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         if alive is not None:
@@ -319,10 +356,11 @@ def wait_all_return_data(base: str, timeout: float, alive: Any = None) -> list[s
 # --------------------------------------------------------------------------- tests
 def test_prometheus_scrapes_standins_and_every_query_returns_data(tmp_path: Path) -> None:
     require_binary("prometheus")
-    standin = StandIn()
+    standin, triton = StandIn(), TritonStandIn()
     try:
-        with prometheus(tmp_path, standin.ports) as base:
-            wait_targets_up(base, {f"leukoflow-{s}" for s in SERVICES}, timeout=30)
+        with prometheus(tmp_path, {**standin.ports, "triton": triton.port}) as base:
+            wait_targets_up(base, {f"leukoflow-{s}" for s in SERVICES} | {"triton"},
+                            timeout=30)
             empty = wait_all_return_data(base, timeout=40)
             assert not empty, "queries without data:\n" + "\n".join(empty)
             # the template variables have values, and the run id is the stand-ins'
@@ -337,8 +375,13 @@ def test_prometheus_scrapes_standins_and_every_query_returns_data(tmp_path: Path
             # no alert fires on a healthy run
             alerts = _get(base + "/api/v1/alerts")["data"]["alerts"]
             assert [a for a in alerts if a["state"] == "firing"] == []
+            # Triton's tier: 10 cells per execution, as the stand-in serves
+            res = mq.query(base, 'sum(rate(nv_inference_count{job="triton"}[10s])) / '
+                                 'sum(rate(nv_inference_exec_count{job="triton"}[10s]))')
+            assert float(res["result"][0]["value"][1]) == pytest.approx(10.0, rel=0.05)
     finally:
         standin.close()
+        triton.close()
 
 
 def test_standins_export_every_metric_family() -> None:
@@ -391,9 +434,9 @@ def test_prometheus_scrapes_a_real_leukoflow_run(tmp_path: Path) -> None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg)
         pytest.xfail(msg)
-    metrics_base = free_port_block(4)
+    metrics_base = free_port_block(20)
     ports = {s: metrics_base + i for i, s in enumerate(SERVICES)}
-    zmq_base = free_port_block(5)
+    zmq_base = free_port_block(6, exclude=(range(metrics_base, metrics_base + 20),))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = (tmp_path / "run.log").open("wb")
     cli = str(Path(sys.executable).with_name("leukoflow"))
@@ -415,7 +458,9 @@ def test_prometheus_scrapes_a_real_leukoflow_run(tmp_path: Path) -> None:
             wait_targets_up(base, {f"leukoflow-{s}" for s in SERVICES}, timeout=60,
                             alive=alive)
             children = descendants(proc.pid)
-            empty = wait_all_return_data(base, timeout=45, alive=alive)
+            # no Triton in this run (tests/test_infer_triton.py runs a real one): its panels
+            # are checked on the stand-in above
+            empty = wait_all_return_data(base, timeout=45, alive=alive, skip='job="triton"')
             assert not empty, "queries without data during leukoflow run:\n" + "\n".join(empty)
             # cells flow through the whole pipeline, as Prometheus sees it (the stages
             # report asynchronously: allow each counter a few scrapes to move off zero)

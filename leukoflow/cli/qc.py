@@ -18,7 +18,6 @@ from typing import Annotated
 
 import typer
 
-from leukoflow.core.jsonutil import json_safe
 from leukoflow.core.physics import DEFAULT_OPTICS, PIXEL_UM, WAVELENGTH_UM
 
 qc_app = typer.Typer(
@@ -72,6 +71,7 @@ def run_cmd(
     from leukoflow.acquisition.qc.measure import run_qc
     from leukoflow.acquisition.qc.record import write_record
     from leukoflow.acquisition.sources import SourceError, create_source
+    from leukoflow.core.jsonutil import json_safe
 
     cfg = _settings(n_beads=beads, folder=folder, bead_diameter_um=diameter,
                     bead_index=index)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import socket
 import stat
 import tempfile
@@ -50,13 +51,52 @@ def tcp_endpoint(port: int, host: str = LOOPBACK) -> str:
 
 
 def free_tcp_port(host: str = LOOPBACK) -> int:
-    """A TCP port free on ``host`` now (the kernel's pick for port 0).
+    """A TCP port free on ``host`` now (below the ephemeral range, see :func:`free_port_block`).
 
     For tests, benchmarks and local launchers: another process may take it before it is used.
     """
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_port_block(1, host)
+
+
+def free_port_block(count: int, host: str = LOOPBACK, exclude: tuple[range, ...] = (),
+                    seed: int | None = None) -> int:
+    """First port of ``count`` consecutive TCP ports that are all free on ``host`` now.
+
+    Drawn below the kernel's ephemeral range (``net.ipv4.ip_local_port_range``, by default
+    32768-60999), so outgoing connections of other processes do not take one of them between
+    the check and the bind; blocks overlapping ``exclude`` are skipped. For tests, benchmarks
+    and local launchers (``leukoflow run --zmq-base-port/--metrics-base-port``).
+    """
+    rng = random.Random(seed)
+    lo, hi = 20000, 32700
+    for _ in range(500):
+        base = rng.randrange(lo, hi - count)
+        block = range(base, base + count)
+        if any(b.start < block.stop and block.start < b.stop for b in exclude):
+            continue
+        socks = []
+        try:
+            for p in block:
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {count} free ports on {host}")
+
+
+def run_port_args() -> list[str]:
+    """``leukoflow run`` flags for free, non-overlapping ZeroMQ and metrics port blocks.
+
+    The ZeroMQ block covers base+0..+5, the metrics block base+0..+19 (workers > 0 at +10+i).
+    """
+    z = free_port_block(6)
+    m = free_port_block(20, exclude=(range(z, z + 6),))
+    return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
 
 
 def loopback_endpoints(base_port: int = DEFAULT_BASE_PORT) -> dict[str, str]:
