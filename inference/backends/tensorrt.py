@@ -475,12 +475,6 @@ class TensorRTBackend(Backend):
         lo, fe, fi = self._rt.collect(handle)
         return BackendOutput(lo, fe, fi)
 
-    def warmup(self, sizes: Any = None) -> None:
-        for b in sizes or self.buckets:
-            buf = self.host_buffer(b)
-            buf[:] = 0
-            self.collect(self.submit(buf, b))
-
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "runtime": self.runtime_name,
                 "profile": self._rt.profile}

@@ -174,12 +174,6 @@ class TorchCudaBackend(Backend):
                              fi[:n].numpy().copy(),
                              sc[:n].numpy().copy() if self.scorer is not None else None)
 
-    def warmup(self, sizes: Any = None) -> None:
-        for b in sizes or self.buckets:
-            buf = self.host_buffer(b)
-            buf[:] = 0
-            self.collect(self.submit(buf, b))
-
     def describe(self) -> dict[str, Any]:
         torch = self._torch
         return {**super().describe(), "cuda_graphs": self.cuda_graphs,
