@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@# the Triton server the tests start (tests/test_infer_triton.py): unpacked from the PyPI
+	@# wheel nvidia-pytriton into ~/.cache/leukoflow at install time, not while tests run
+	$(BIN)/python -c "from leukoflow.inference.triton_server import fetch_bundled; fetch_bundled()" \
+		|| echo "make: could not fetch the Triton server (nvidia-pytriton); its tests will try again"
 	touch $(STAMP)
 
 # System packages some tests need (Chromium, Prometheus, ...; Debian/Ubuntu, the list is in

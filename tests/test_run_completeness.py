@@ -172,6 +172,58 @@ def test_restarted_collector_rebuilds_the_ledger_and_blames_the_restart(tmp_path
     assert second.state.accounting()["lost"] == {"collector:restart": 3}
 
 
+def test_kill_between_ledger_line_and_cell_log_declares_the_message_lost(tmp_path,
+                                                                         monkeypatch) -> None:
+    """A kill after a message's ledger line but before (all of) its cells reached the cell
+    log: the restarted collector neither counts those cells nor forgets them (lost with
+    collector:restart); the cells before it stay counted, and a second restart agrees."""
+    from leukoflow.run import collector as cmod
+
+    cfg = CollectorConfig(results="", live="", metrics_port=-1, run_dir=str(tmp_path / "run"),
+                          run_id="r", loss_timeout_s=0.5)
+    first = Collector(cfg)
+    msgs = stream(6)
+    first._gaps = wire.GapTracker()
+    for m in msgs[:3]:
+        first._handle(wire.encode(wire.Message(*results(m))))
+
+    class Killed(BaseException):  # SIGKILL: nothing after this point runs
+        pass
+
+    real_append = cmod.CellLog.append
+
+    def torn_append(self, records):
+        real_append(self, records[:1])  # one of the three records got there, then the kill
+        raise Killed
+
+    monkeypatch.setattr(cmod.CellLog, "append", torn_append)
+    try:
+        first._dispatch(wire.Message(*results(msgs[3])))
+    except Killed:
+        pass
+    monkeypatch.setattr(cmod.CellLog, "append", real_append)
+    first.cell_log._fh.flush()
+    assert len(cmod.read_cell_log(tmp_path / "run" / "cells.bin")) == 10  # 9 + the torn one
+
+    second = Collector(cfg)
+    assert second.state.diff.classified == 9  # message 3's record cut back
+    second._gaps = wire.GapTracker()
+    for m in msgs[4:]:
+        second._handle(wire.encode(wire.Message(*results(m))))
+    second.state.ledger.advance(now=second.state.ledger.clock() + 1)
+    counted = set(cmod.read_cell_log(tmp_path / "run" / "cells.bin")["id"].tolist())
+    truth_counted = {i for m in msgs[:3] + msgs[4:] for i in m["ids"]}
+    assert counted == truth_counted  # ground truth: the ids really sent and logged
+    assert second.state.accounting()["lost"] == {"collector:restart": 3}
+    second.cell_log.close()
+    second.journal.close()
+
+    third = Collector(cfg)  # the repaired files agree on the next restart as well
+    assert third.state.diff.classified == 15
+    third.state.ledger.advance(now=third.state.ledger.clock() + 1)
+    assert third.state.accounting()["lost"] == {"collector:restart": 3}
+
+
 def test_runs_root_serves_run_after_run(tmp_path) -> None:
     root = tmp_path / "runs"
     cfg = CollectorConfig(results="", live="", metrics_port=-1, runs_root=str(root))

@@ -342,6 +342,36 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def consistent_logs(run_dir: Path, records: np.ndarray, lines: list[dict[str, Any]]
+                    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Cell log and ledger journal of a killed collector, made to agree.
+
+    The ledger line of a results message is written just before its cells are appended to
+    the cell log, with the log's length after the append (``log``). A kill between the two
+    leaves a line whose cells are not (or only partly) in the log: that line is dropped (so
+    the message is missing and declared lost with ``collector:restart``) and the log is cut
+    back to the records before it; both files are rewritten so the next restart agrees too.
+    Without this the message's cells would be neither counted nor lost.
+    """
+    torn = [i for i, x in enumerate(lines)
+            if x.get("k") == "res" and isinstance(x.get("log"), int) and x["log"] > len(records)]
+    if not torn:
+        return records, lines
+    keep = min(lines[i]["log"] - int(lines[i].get("c", 0)) for i in torn)
+    drop = set(torn)
+    lines = [x for i, x in enumerate(lines) if i not in drop]
+    log.warning("collector restart: the results message handled at the kill was not (fully) "
+                "in the cell log (%d of its records cut); it is declared lost", len(records) - keep)
+    records = records[:keep]
+    if (run_dir / "cells.bin").exists():
+        with open(run_dir / "cells.bin", "r+b") as fh:
+            fh.truncate(keep * CELL_DTYPE.itemsize)
+    tmp = run_dir / "ledger.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    os.replace(tmp, run_dir / "ledger.jsonl")
+    return records, lines
+
+
 def _src(h: Mapping[str, Any]) -> tuple[str, int, int, int] | None:
     """``(sender, seq, n, cum)`` of the crop message a result/rejection came from."""
     try:
@@ -419,6 +449,8 @@ class RunState:
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=64)
         self.restarts: dict[str, int] = {}
         self.collector_restarts = 0
+        #: records in the cell log (restored ones included) once the last results are logged
+        self.cell_log_records = 0
         self.recording: dict[str, Any] = {}
         #: drift monitor, QC status and validity verdict (set by the collector)
         self.watch: RunWatch | None = None
@@ -451,7 +483,11 @@ class RunState:
             return np.zeros(0, dtype=CELL_DTYPE), np.zeros(n, dtype=bool)
         new = self.ids.add_new(ids)
         self.duplicates += int(n - new.sum())
-        self._resolved(src, int(new.sum()))
+        k = int(new.sum())
+        # journaled before the caller appends the k records to the cell log: the line says
+        # how long the log will be, so a restart can tell whether they got there
+        self._resolved(src, k, log_end=self.cell_log_records + k)
+        self.cell_log_records += k
         if not new.any():
             return np.zeros(0, dtype=CELL_DTYPE), new
         t = header.get("t", {}) or {}
@@ -493,10 +529,11 @@ class RunState:
         self.t_last_ns = t1 if self.t_last_ns is None else max(self.t_last_ns, t1)
         self.last_progress = time.monotonic()
 
-    def _resolved(self, src: tuple[str, int, int, int] | None, cells: int) -> None:
+    def _resolved(self, src: tuple[str, int, int, int] | None, cells: int,
+                  log_end: int | None = None) -> None:
         """``cells`` cells of the crop message ``src`` came back (completeness check)."""
         if src is not None and cells > 0:
-            self.ledger.resolved(src[0], src[1], src[2], src[3], cells)
+            self.ledger.resolved(src[0], src[1], src[2], src[3], cells, log_end=log_end)
 
     def restore(self, records: np.ndarray) -> None:
         """Rebuild counts from a cell log written by a predecessor (after a restart)."""
@@ -504,6 +541,7 @@ class RunState:
             return
         new = self.ids.add_new(records["id"])
         self.duplicates += int((~new).sum())
+        self.cell_log_records = len(records)
         self._count(records[new])
 
     def replay(self, line: Mapping[str, Any]) -> None:
@@ -992,6 +1030,7 @@ class Collector:
                 log.error("ignoring unreadable %s: %s", state_path, exc)
         records = read_cell_log(self.run_dir / "cells.bin")
         lines = read_journal(self.run_dir / "ledger.jsonl")
+        records, lines = consistent_logs(self.run_dir, records, lines)
         if self._prev or len(records) or lines:
             self.state.collector_restarts = int(self._prev.get("collector_restarts", 0)) + 1
             self.state.restore(records)

@@ -202,11 +202,17 @@ class Ledger:
         return src
 
     def resolved(self, sender: str, seq: int, n: int, cum: int, cells: int,
-                 t: float | None = None) -> str | None:
-        """Cells of crop message ``(sender, seq)`` came back (results or a rejection)."""
+                 t: float | None = None, log_end: int | None = None) -> str | None:
+        """Cells of crop message ``(sender, seq)`` came back (results or a rejection).
+
+        ``log_end``: records in the collector's cell log once these cells are appended to it
+        (journaled as ``log``; a restart drops a line whose cells never reached the log).
+        """
         t = self.clock() if t is None else t
-        self._log({"k": "res", "src": sender, "seq": seq, "n": n, "cum": cum, "c": cells,
-                   "t": t})
+        line = {"k": "res", "src": sender, "seq": seq, "n": n, "cum": cum, "c": cells, "t": t}
+        if log_end is not None:
+            line["log"] = log_end
+        self._log(line)
         src = self.source(sender)
         if self.t_restart is not None and src.first_seq_after_restart is None:
             src.first_seq_after_restart = seq
