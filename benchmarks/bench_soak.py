@@ -29,7 +29,7 @@ import numpy as np
 
 from leukoflow.benchmarks.common import machine, row
 from leukoflow.benchmarks.faults import CLI, children
-from leukoflow.core.transport import free_tcp_port
+from leukoflow.core.transport import run_port_args
 
 
 def proc_sample(pid: int) -> tuple[float, int] | None:
@@ -73,12 +73,12 @@ def run(quick: bool = False, duration_s: float | None = None,
         interval_s: float = 10.0) -> dict[str, Any]:
     """Soak for ``duration_s`` (default 1800 s; quick 180 s)."""
     duration_s = duration_s or (180.0 if quick else 1800.0)
-    z, m = free_tcp_port(), free_tcp_port()
+    ports = run_port_args()
+    m = int(ports[3])
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [*CLI, "run", "--json", "--as-fast-as-possible", "--workers", "2",
-               "--duration", str(duration_s), "--out", str(run_dir), "--zmq-base-port", str(z),
-               "--metrics-base-port", str(m)]
+               "--duration", str(duration_s), "--out", str(run_dir), *ports]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         samples: dict[str, list[tuple[float, float, int]]] = {}
         t0 = time.monotonic()

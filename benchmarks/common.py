@@ -39,9 +39,10 @@ def best_time(fn: Callable[[], Any], repeat: int = 5, number: int = 1) -> float:
 def row(stage: str, value: float, unit: str, baseline: str = "",
         baseline_value: float | None = None, target: str = "",
         higher_is_better: bool = True) -> dict:
-    """A result row; ``ratio`` is value/baseline (or baseline/value for times)."""
+    """A result row; ``ratio`` is value/baseline (or baseline/value for times; None where
+    the divisor is 0, e.g. no wrong report against a baseline with some)."""
     ratio = None
-    if baseline_value:
+    if baseline_value and (higher_is_better or value):
         ratio = value / baseline_value if higher_is_better else baseline_value / value
     return {"stage": stage, "value": value, "unit": unit, "baseline": baseline,
             "baseline_value": baseline_value, "ratio": ratio, "target": target}
