@@ -9,6 +9,7 @@ import io
 from rich.console import Console
 
 from leukoflow.acquisition.realtime import camera_summary
+from leukoflow.cli.run import _print_summary
 from leukoflow.reports.report import camera_section
 from leukoflow.run.liveview import camera_line, render
 
@@ -66,3 +67,23 @@ def test_report_section_reports_dropped_frames_and_cells():
         "camera": _cam(1000, 0, 900.0, paced=False)}})))
     assert "Unpaced run" in unpaced
     assert camera_section(None) == []
+
+
+def test_end_of_run_summary_says_what_was_lost_and_dropped(capsys):
+    """The terminal summary names lost cells and dropped frames; a clean run names none."""
+    senders = {"acquire-1-a": {"camera": {
+        "frames_taken": 900, "frames_captured": 1000, "frames_dropped": {"overrun": 100},
+        "nominal_hz": 500.0, "steady_hz": 450.0, "cells_in_dropped_frames_estimate": 7.0}}}
+    acc = {"emitted": 50, "counted": 40, "uncertain": 5, "ood": 2, "rejected_total": 0,
+           "dropped_total": 0, "lost_total": 3, "lost": {"infer:worker_died": 3},
+           "balanced": True}
+    _print_summary({"run": "r", "accounting": acc, "camera": camera_summary(senders)})
+    out = capsys.readouterr().out
+    assert "lost 3" in out and "WARNING: 3 cells lost (infer:worker_died 3)" in out
+    assert "100 frames dropped (10.0 %; overrun 100), ~7 cells" in out
+    assert "450 of 500 frames/s" in out
+    clean = dict(acc, lost_total=0, lost={})
+    cam = {"frames_taken": 1000, "frames_captured": 1000, "frames_dropped": {}}
+    _print_summary({"run": "r", "accounting": clean,
+                    "camera": camera_summary({"acquire-1-a": {"camera": cam}})})
+    assert "WARNING" not in capsys.readouterr().out

@@ -49,8 +49,10 @@ def _print_summary(s: dict) -> None:
     typer.echo(f"run {s.get('run')}: emitted {acc.get('emitted', 0)}, counted "
                f"{acc.get('counted', 0)}, uncertain {acc.get('uncertain', 0)}, OOD "
                f"{acc.get('ood', 0)}, rejected {acc.get('rejected_total', 0)}, dropped "
-               f"{acc.get('dropped_total', 0)} "
+               f"{acc.get('dropped_total', 0)}, lost {acc.get('lost_total', 0)} "
                f"({'balanced' if acc.get('balanced') else 'NOT balanced'})")
+    for line in _loss_lines(s):
+        typer.echo(f"  WARNING: {line}")
     validity = s.get("validity") or {}
     for reason in validity.get("reasons", []):
         typer.echo(f"  DIFFERENTIAL NOT VALID: {reason}")
@@ -67,6 +69,28 @@ def _print_summary(s: dict) -> None:
                    f"{1e3 * lat['run_p50_s']:.1f} ms, p99 {1e3 * lat['run_p99_s']:.1f} ms")
     if s.get("report"):
         typer.echo(f"  report: {s['report']}")
+
+
+def _loss_lines(s: dict) -> list[str]:
+    """What the run lost or fell behind on, one line each (empty when nothing)."""
+    acc = s.get("accounting", {})
+    out = []
+    if acc.get("lost_total"):
+        why = ", ".join(f"{k} {v}" for k, v in sorted((acc.get("lost") or {}).items()) if v)
+        out.append(f"{acc['lost_total']} cells lost ({why})")
+    if acc.get("duplicates"):
+        out.append(f"{acc['duplicates']} duplicate cells received (counted once)")
+    cam = s.get("camera")  # compact_summary: acquisition processes added up
+    if isinstance(cam, dict) and cam.get("frames_dropped_total"):
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((cam.get("frames_dropped")
+                                                            or {}).items()))
+        rate = (f"{cam['steady_hz']:.0f} of {cam['nominal_hz']:.0f} frames/s, "
+                if cam.get("steady_hz") and cam.get("nominal_hz") else "")
+        out.append(f"camera: {rate}{cam['frames_dropped_total']} frames dropped "
+                   f"({100 * cam.get('frames_dropped_fraction', 0.0):.1f} %; {reasons}), "
+                   f"~{cam.get('cells_in_dropped_frames_estimate', 0.0):.0f} cells in them "
+                   "not counted")
+    return out
 
 
 def _recorded_frame_rate(path: Path) -> float:
