@@ -220,6 +220,7 @@ class AcquireService:
         self.health: Any = None
         self.metrics: Any = None
         self.pipeline: AcquisitionPipeline | None = None
+        self._identity_cache: dict[str, Any] | None = None
         self.final: dict[str, Any] = {}
         self._last_index = 0
         self.realtime: RealtimeMonitor | None = None
@@ -246,6 +247,21 @@ class AcquireService:
             d["source"] = self._source.info
         return d
 
+    def _pipeline_identity(self) -> dict[str, Any]:
+        """Identifier (``id_parts``: joined, the :func:`identity` ``id``), hash and generation
+        of the running pipeline ({} before it exists)."""
+        if self.pipeline is None:
+            return {}
+        if self._identity_cache is None:  # fixed once the pipeline runs
+            ident = self.pipeline.params.get("identity") or {}
+            text = str(ident.get("id", ""))
+            # the wire caps strings in stats: the identifier travels in 512-character parts
+            self._identity_cache = {"id_parts": [text[i:i + 512]
+                                                 for i in range(0, len(text), 512)],
+                                    "hash": ident.get("hash"),
+                                    "generation": ident.get("generation")}
+        return self._identity_cache
+
     # ------------------------------------------------------------------ accounting
     def accounting(self) -> dict[str, Any]:
         """Complete accounting so far (sent in ``accounting``/``eos`` control messages).
@@ -265,6 +281,9 @@ class AcquireService:
             "run": self.run_id,
             "crops_sender": pub.sender.sender if pub is not None else "",
             "epoch": self.identity.epoch,
+            # the pipeline these crops were cut with (recordings of a standalone collector
+            # carry it; ``leukoflow run`` also resolves it with the model beforehand)
+            "pipeline": self._pipeline_identity(),
             "crops_seq": pub.sender.seq if pub is not None else 0,
             "crops_messages": pub.sent_messages if pub is not None else 0,
             "frames": int(self.stats["frames"]),

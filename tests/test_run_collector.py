@@ -10,6 +10,7 @@ import json
 import threading
 import urllib.request
 
+import h5py
 import numpy as np
 import pytest
 from helpers import (
@@ -22,6 +23,7 @@ from helpers import (
     wait_for,
 )
 
+from leukoflow.acquisition.pipeline import PipelineConfig, identity, parse_identity
 from leukoflow.core import transport, wire
 from leukoflow.core.vocabulary import CLASS_NAMES
 from leukoflow.run.collector import (
@@ -129,7 +131,11 @@ def test_collector_end_to_end_with_standins(tmp_path, record: bool) -> None:
     assert "accounting" in live.header["stats"]
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
     assert "leukoflow_run_cells_total" in body and "leukoflow_differential_ratio_lower" in body
-    acq.account(eos=True)
+    # the acquisition reports the pipeline it cut the crops with (a standalone collector has
+    # no run_params: its recording and summary carry this identity)
+    ident = identity(PipelineConfig())
+    acq.account(eos=True, pipeline={"id_parts": [ident["id"][:512], ident["id"][512:]],
+                                    "hash": ident["hash"], "generation": ident["generation"]})
     th.join(30)
     assert not th.is_alive()
     worker.stop_event.set()
@@ -157,11 +163,17 @@ def test_collector_end_to_end_with_standins(tmp_path, record: bool) -> None:
     assert out["truth"]["labelled"] == int((recs["label"] >= 0).sum())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final"] and summary["accounting"] == acc
+    assert summary["params"]["pipeline"]["hash"] == ident["hash"]
 
     if record:
         import dclab
 
         n_results = acc["counted"] + acc["uncertain"] + acc["ood"]
+        with h5py.File(tmp_path / "rec.rtdc", "r") as h5:
+            rec_id = h5.attrs["user:pipeline id"]
+            assert h5.attrs["user:pipeline hash"] == ident["hash"]
+        # parsed back, it is the pipeline configuration the acquisition ran with
+        assert parse_identity(rec_id).config == PipelineConfig()
         with dclab.new_dataset(tmp_path / "rec.rtdc") as ds:
             assert len(ds) == n_results
             for feat in ("qpi_pha", "ml_score_neu", "ml_score_lym", "userdef0", "userdef2",

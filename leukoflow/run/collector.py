@@ -88,7 +88,7 @@ from typing import Any
 import numpy as np
 
 from leukoflow.core import jsonutil, transport, wire
-from leukoflow.core.config import bounded
+from leukoflow.core.config import bounded, pipeline_hash
 from leukoflow.core.identity import MAX_LOCAL_ID, split_ids
 from leukoflow.core.jsonutil import atomic_write_json
 from leukoflow.core.metrics import ServiceMetrics
@@ -1383,6 +1383,9 @@ class Collector:
         """The run's final summary (``summary.json``), exported and published."""
         snap = self.state.snapshot(final=True)
         snap["params"] = self.params
+        if "pipeline" not in self.params and self._reported_pipeline():
+            # a standalone collector: the pipeline the acquisition reported (no model part)
+            snap["params"] = {**self.params, "pipeline": self._reported_pipeline()}
         snap["sequence_gaps"] = self._gaps.gaps if hasattr(self, "_gaps") else 0
         if self.cell_log is not None:
             self._save_state()
@@ -1390,6 +1393,31 @@ class Collector:
         self._update_metrics(snap)
         self._publish(pub, sender, snap)
         return snap
+
+    def _reported_pipeline(self) -> dict[str, Any]:
+        """The pipeline identity an acquisition of this run reported ({} when none did)."""
+        for sender, rep in self.state.reports.items():
+            ident = (rep.get("stats") or {}).get("pipeline")
+            if _role(sender) not in EMITTER_ROLES or not isinstance(ident, dict):
+                continue
+            parts = ident.get("id_parts")
+            if (isinstance(parts, list) and parts and all(isinstance(p, str) for p in parts)
+                    and isinstance(ident.get("hash"), str)):
+                text = "".join(parts)
+                if pipeline_hash(text) != ident["hash"]:  # validate what came from outside
+                    log.warning("%s reported a pipeline whose hash does not match", sender)
+                    continue
+                return {"id": text, "hash": ident["hash"],
+                        "generation": ident.get("generation")}
+        return {}
+
+    def _pipeline_meta(self) -> dict[str, str]:
+        """``user:pipeline id/hash`` of a recording made without ``leukoflow run``'s params
+        (a standalone collector: the identity the acquisition reported)."""
+        if "pipeline" in self.params:
+            return {}
+        ident = self._reported_pipeline()
+        return {"pipeline id": ident["id"], "pipeline hash": ident["hash"]} if ident else {}
 
     def _finish_run(self, pub: Any, sender: Any) -> dict[str, Any]:
         """Close the current run: recording, logs, final summary."""
@@ -1402,6 +1430,7 @@ class Collector:
                 # every service's last report (acquisition's includes its pipeline params)
                 "service_reports": jsonutil.dumps({s: r["stats"] for s, r in
                                                    self.state.reports.items()}),
+                **self._pipeline_meta(),
             })
             self.recorder = None
         self.state.recording = {**rec_stats, "segments": self.segments} if self.segments else {}
