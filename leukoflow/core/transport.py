@@ -58,19 +58,25 @@ def free_tcp_port(host: str = LOOPBACK) -> int:
     return free_port_block(1, host)
 
 
-def free_port_block(count: int, host: str = LOOPBACK, exclude: tuple[range, ...] = (),
-                    seed: int | None = None) -> int:
+def _ephemeral_low() -> int:
+    """Lowest port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_block(count: int, host: str = LOOPBACK, exclude: tuple[range, ...] = ()) -> int:
     """First port of ``count`` consecutive TCP ports that are all free on ``host`` now.
 
-    Drawn below the kernel's ephemeral range (``net.ipv4.ip_local_port_range``, by default
-    32768-60999), so outgoing connections of other processes do not take one of them between
-    the check and the bind; blocks overlapping ``exclude`` are skipped. For tests, benchmarks
-    and local launchers (``leukoflow run --zmq-base-port/--metrics-base-port``).
+    Drawn from 10000 up to the kernel's ephemeral range (``net.ipv4.ip_local_port_range``,
+    by default 32768-60999), so outgoing connections of other processes do not take one of
+    them between the check and the bind; blocks overlapping ``exclude`` are skipped. For tests,
+    benchmarks and local launchers (``leukoflow run --zmq-base-port/--metrics-base-port``).
     """
-    rng = random.Random(seed)
-    lo, hi = 20000, 32700
+    lo, hi = 10000, max(_ephemeral_low(), 10000 + 10 * count)
     for _ in range(500):
-        base = rng.randrange(lo, hi - count)
+        base = random.randrange(lo, hi - count)
         block = range(base, base + count)
         if any(b.start < block.stop and block.start < b.stop for b in exclude):
             continue
@@ -92,10 +98,12 @@ def free_port_block(count: int, host: str = LOOPBACK, exclude: tuple[range, ...]
 def run_port_args() -> list[str]:
     """``leukoflow run`` flags for free, non-overlapping ZeroMQ and metrics port blocks.
 
-    The ZeroMQ block covers base+0..+5, the metrics block base+0..+19 (workers > 0 at +10+i).
+    The ZeroMQ block covers one port per :data:`ENDPOINT_ROLES` role, the metrics block
+    base+0..+19 (workers > 0 at +10+i).
     """
-    z = free_port_block(6)
-    m = free_port_block(20, exclude=(range(z, z + 6),))
+    nz = len(ENDPOINT_ROLES)
+    z = free_port_block(nz)
+    m = free_port_block(20, exclude=(range(z, z + nz),))
     return ["--zmq-base-port", str(z), "--metrics-base-port", str(m)]
 
 

@@ -1383,9 +1383,10 @@ class Collector:
         """The run's final summary (``summary.json``), exported and published."""
         snap = self.state.snapshot(final=True)
         snap["params"] = self.params
-        if "pipeline" not in self.params and self._reported_pipeline():
-            # a standalone collector: the pipeline the acquisition reported (no model part)
-            snap["params"] = {**self.params, "pipeline": self._reported_pipeline()}
+        # a standalone collector: the pipeline the acquisition reported (no model part)
+        ident = {} if "pipeline" in self.params else self._reported_pipeline()
+        if ident:
+            snap["params"] = {**self.params, "pipeline": ident}
         snap["sequence_gaps"] = self._gaps.gaps if hasattr(self, "_gaps") else 0
         if self.cell_log is not None:
             self._save_state()
